@@ -1,0 +1,74 @@
+"""Training callbacks that Keras does not provide in the form we need."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import keras
+
+from tfvision.fileio import atomic_path, read_json, write_json
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Save ``last.keras`` every epoch and ``best.keras`` when `monitor` improves.
+
+    Unlike `ModelCheckpoint` it writes through a temporary file (a kill never
+    leaves a half-written checkpoint under the final name) and remembers the
+    best value in ``best.json``, so a resumed run does not overwrite a better
+    checkpoint with a worse one.
+    """
+
+    def __init__(self, directory, monitor: str = "val_loss", mode: str = "auto"):
+        super().__init__()
+        self.dir = Path(directory)
+        self.monitor = monitor
+        self.mode = mode if mode != "auto" else ("max" if _higher_is_better(monitor) else "min")
+        state = self.dir / "best.json"
+        self.best = read_json(state)["value"] if state.exists() else None
+
+    def _improved(self, value) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        save(self.model, self.dir / "last.keras")
+        value = logs.get(self.monitor)
+        value = float(value) if value is not None else None
+        if self._improved(value):
+            self.best = value
+            save(self.model, self.dir / "best.keras")
+            write_json(self.dir / "best.json", {"monitor": self.monitor, "value": value, "epoch": epoch + 1})
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the current learning rate to the epoch logs (history.csv, TensorBoard)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            opt = self.model.optimizer
+            logs["lr"] = float(keras.ops.convert_to_numpy(opt._get_current_learning_rate()))
+
+
+def save(model: keras.Model, path) -> None:
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+
+
+def save_weights(model: keras.Model, path) -> None:
+    with atomic_path(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
+
+
+def _higher_is_better(metric: str) -> bool:
+    name = metric.removeprefix("val_")
+    return not any(k in name for k in ("loss", "error", "mse", "mae"))
+
+
+def monitor_mode(metric: str) -> str:
+    return "max" if _higher_is_better(metric) else "min"
+

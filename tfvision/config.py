@@ -1,0 +1,557 @@
+"""JSON config -> typed, validated `Config`.
+
+The schema is plain dataclasses; constraints ride in field metadata so the
+validator and the JSON Schema export read one source. Nothing here imports
+TensorFlow: a typo in a config must cost a second, not a minute.
+
+>>> cfg = load_config("configs/demo.json", ["train.epochs=2"])
+>>> cfg.train.epochs
+2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tfvision.errors import ConfigError
+
+TASKS = ("classification", "multilabel", "segmentation", "instance_segmentation")
+IMPLEMENTED_TASKS = ("classification",)
+
+
+def opt(default=dataclasses.MISSING, *, help="", factory=None, **constraints):
+    """A dataclass field with a help text and constraints (min, max, exists)."""
+    meta = {"help": help, **constraints}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    method: Literal["stratified", "grouped", "random"] = opt(
+        "stratified", help="stratified by label; grouped keeps each group (patient, lesion) in one split"
+    )
+    val_fraction: float = opt(0.2, min=0.0, max=0.9, help="held-out fraction when no fold is set")
+    test_fraction: float = opt(0.0, min=0.0, max=0.9, help="fraction carved out first as test")
+    n_folds: int = opt(5, min=2, help="number of folds for K-fold")
+    fold: int | None = opt(None, min=0, help="if set, validate on this fold of a stratified (group) K-fold")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Literal["ham10000", "csv", "folders", "tfrecord"] = opt(help="where samples come from")
+    root: str = opt(help="dataset folder; image paths in CSVs resolve against it", exists="dir")
+    csv: str | None = opt(None, help="CSV file, relative to root", exists="file")
+    val_csv: str | None = opt(None, help="second CSV whose rows are the validation set", exists="file")
+    split_column: str | None = opt(None, help="column with train/val/test per row")
+    path_column: str = opt("path", help="CSV column with the image path")
+    path_template: str | None = opt(
+        None, help="Python format string over row columns, e.g. image_{imageid}_product_{productid}.jpg"
+    )
+    label_column: str = opt("label", help="CSV column with the class")
+    group_column: str | None = opt(None, help="CSV column with the patient/lesion id for grouped splits")
+    image_dirs: list[str] = opt(factory=list, help="folders (relative to root) searched for images")
+    image_size: int | list[int] = opt(224, min=8, help="training size, N or [H, W]")
+    channels: int = opt(3, min=1, max=16, help="input channels; 1 grayscale, 3 RGB, 4+ multispectral")
+    normalization: Literal["imagenet", "dataset", "none"] = opt(
+        "imagenet", help="imagenet: what the pretrained backbone expects; dataset: mean/std of training images"
+    )
+    class_names: list[str] | None = opt(None, help="fixes class order; default is sorted labels")
+    max_bad_fraction: float = opt(0.01, min=0.0, max=1.0, help="stop when more files than this are unreadable")
+    check_files: bool = opt(True, help="decode every file once before training and skip corrupt ones")
+    shuffle_buffer: int = opt(2048, min=1)
+    deterministic: bool = opt(False, help="reproducible order at some speed cost")
+    cache: bool = opt(False, help="cache decoded, resized images in memory (small datasets)")
+    prepare: Literal["sklearn_digits"] | None = opt(
+        None, help="build a bundled dataset into root first (demo)"
+    )
+    split: SplitConfig = opt(factory=SplitConfig)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+
+@dataclass(kw_only=True)
+class AugmentParams:
+    """One strength level. Probabilities are per image; magnitudes are maxima."""
+
+    crop_scale: list[float] = opt(factory=lambda: [0.5, 1.0], help="random-resized-crop area range; [1,1] off")
+    crop_ratio: list[float] = opt(factory=lambda: [0.75, 1.333])
+    hflip: float = opt(0.5, min=0.0, max=1.0)
+    vflip: float = opt(0.0, min=0.0, max=1.0)
+    affine_p: float = opt(0.5, min=0.0, max=1.0)
+    shift: float = opt(0.1, min=0.0, max=1.0, help="fraction of size")
+    scale: float = opt(0.1, min=0.0, max=1.0)
+    rotate: float = opt(15.0, min=0.0, max=180.0, help="degrees")
+    color_p: float = opt(0.5, min=0.0, max=1.0)
+    brightness: float = opt(0.2, min=0.0, max=1.0)
+    contrast: float = opt(0.2, min=0.0, max=1.0)
+    saturation: float = opt(0.2, min=0.0, max=1.0)
+    hue: float = opt(0.03, min=0.0, max=0.5)
+    noise_p: float = opt(0.2, min=0.0, max=1.0)
+    noise_std: float = opt(8.0, min=0.0, help="on the 0..255 scale")
+    blur_p: float = opt(0.0, min=0.0, max=1.0)
+    blur_sigma: float = opt(1.0, min=0.0)
+    erase_p: float = opt(0.0, min=0.0, max=1.0)
+    erase_size: float = opt(0.15, min=0.0, max=1.0, help="hole side as fraction of size")
+    erase_holes: int = opt(1, min=1, max=16)
+
+
+def _tier(**kw) -> AugmentParams:
+    return AugmentParams(**kw)
+
+
+# Strength tiers follow the Rakuten preprocessing document: light for big
+# classes, heavy for rare ones.
+LIGHT = dict(crop_scale=[0.8, 1.0], hflip=0.3, affine_p=0.2, shift=0.0, scale=0.0, rotate=10.0,
+             color_p=0.3, brightness=0.1, contrast=0.1, saturation=0.0, hue=0.0, noise_p=0.0)
+MEDIUM = dict(crop_scale=[0.6, 1.0], hflip=0.5, affine_p=0.5, shift=0.1, scale=0.1, rotate=15.0,
+              color_p=0.5, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, noise_p=0.2)
+HEAVY = dict(crop_scale=[0.4, 1.0], hflip=0.5, vflip=0.1, affine_p=0.7, shift=0.15, scale=0.15,
+             rotate=20.0, color_p=0.7, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.06,
+             noise_p=0.3, blur_p=0.1, erase_p=0.3, erase_size=0.08, erase_holes=4)
+
+
+@dataclass(kw_only=True)
+class TierConfig:
+    enabled: bool = opt(False, help="pick light/medium/heavy per image from its class size")
+    thresholds: list[int] = opt(
+        factory=lambda: [1500, 3000], help="classes under [0] images get heavy, under [1] medium, else light"
+    )
+    light: AugmentParams = opt(factory=lambda: _tier(**LIGHT))
+    medium: AugmentParams = opt(factory=lambda: _tier(**MEDIUM))
+    heavy: AugmentParams = opt(factory=lambda: _tier(**HEAVY))
+
+
+@dataclass(kw_only=True)
+class MixConfig:
+    mixup_alpha: float = opt(0.0, min=0.0, help="0 disables MixUp")
+    cutmix_alpha: float = opt(0.0, min=0.0, help="0 disables CutMix")
+    p: float = opt(0.5, min=0.0, max=1.0, help="probability a batch is mixed")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    enabled: bool = opt(True)
+    params: AugmentParams = opt(factory=AugmentParams, help="used for every image unless tiers are on")
+    tiers: TierConfig = opt(factory=TierConfig)
+    mix: MixConfig = opt(factory=MixConfig)
+    albumentations: dict | None = opt(
+        None, help="an A.to_dict() pipeline run per image instead of the native ops (slower)"
+    )
+
+
+@dataclass(kw_only=True)
+class HeadConfig:
+    type: Literal["linear", "mlp"] = opt("linear")
+    hidden: list[int] = opt(factory=lambda: [512])
+    dropout: float = opt(0.2, min=0.0, max=0.95)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    backbone: str = opt(help="registered backbone, e.g. efficientnetv2_b0, convnext_tiny, resnet50")
+    weights: str | None = opt("imagenet", help="imagenet, null, or a local weights file")
+    head: HeadConfig = opt(factory=HeadConfig)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "sgd"] = opt("adamw")
+    lr: float = opt(1e-3, min=0.0)
+    weight_decay: float = opt(1e-4, min=0.0)
+    momentum: float = opt(0.9, min=0.0, max=1.0, help="SGD only")
+    backbone_lr_mult: float = opt(0.1, min=0.0, help="backbone learning rate = lr * this")
+    clipnorm: float | None = opt(None, min=0.0)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    name: Literal["constant", "onecycle", "cosine", "plateau"] = opt("cosine")
+    warmup_epochs: float = opt(0.0, min=0.0)
+    pct_start: float = opt(0.3, min=0.0, max=1.0, help="OneCycle share of steps spent rising")
+    div_factor: float = opt(25.0, min=1.0, help="OneCycle start lr = max lr / this")
+    final_div_factor: float = opt(1e4, min=1.0)
+    min_lr: float = opt(0.0, min=0.0)
+    plateau_factor: float = opt(0.5, min=0.0, max=1.0)
+    plateau_patience: int = opt(2, min=0)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    name: Literal["crossentropy", "focal"] = opt("crossentropy")
+    label_smoothing: float = opt(0.0, min=0.0, max=0.5)
+    class_weights: Literal["none", "inverse", "normalized", "sqrt_inverse"] = opt("none")
+    focal_gamma: float = opt(2.0, min=0.0)
+
+
+@dataclass(kw_only=True)
+class PhaseConfig:
+    epochs: int = opt(min=1)
+    trainable: Literal["head", "last_n_blocks", "all"] = opt("all")
+    n_blocks: int = opt(1, min=1, help="with last_n_blocks")
+    lr: float | None = opt(None, min=0.0, help="overrides optimizer.lr for this phase")
+    image_size: int | list[int] | None = opt(None, min=8, help="progressive resizing")
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    patience: int = opt(0, min=0, help="0 disables early stopping")
+    min_delta: float = opt(0.0, min=0.0)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int | None = opt(None, min=1, help="default 10, or the sum of the phases' epochs")
+    batch_size: int = opt(32, min=1)
+    steps_per_epoch: int | None = opt(None, min=1, help="cap steps per epoch (smoke runs)")
+    optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
+    schedule: ScheduleConfig = opt(factory=ScheduleConfig)
+    loss: LossConfig = opt(factory=LossConfig)
+    phases: list[PhaseConfig] = opt(factory=list, help="staged unfreezing; default one phase, all layers")
+    monitor: str = opt("val_loss", help="metric for best checkpoint and early stopping")
+    early_stopping: EarlyStoppingConfig = opt(factory=EarlyStoppingConfig)
+    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = opt("float32")
+    strategy: Literal["default", "mirrored"] = opt("default")
+    tensorboard: bool = opt(True)
+
+
+@dataclass(kw_only=True)
+class Config:
+    task: Literal["classification", "multilabel", "segmentation", "instance_segmentation"] = opt(
+        "classification"
+    )
+    seed: int = opt(42, min=0)
+    data: DataConfig = opt()
+    model: ModelConfig = opt()
+    augment: AugmentConfig = opt(factory=AugmentConfig)
+    train: TrainConfig = opt(factory=TrainConfig)
+    name: str | None = opt(None, help="run name; default is the config file name")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _hint(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "object"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _coerce(value, tp, path: str, meta: dict):
+    """Return `value` converted to `tp`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        # An object goes straight to the dataclass member so that its own errors
+        # (an unknown nested key) surface instead of a vague "wrong type".
+        if isinstance(value, dict):
+            for arg in args:
+                if dataclasses.is_dataclass(arg):
+                    return _coerce(value, arg, path, meta)
+        for arg in args:
+            try:
+                return _coerce(value, arg, path, meta)
+            except _Invalid:
+                continue
+        raise _Invalid
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Invalid
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}{hint}")
+        raise _Invalid
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Invalid
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{path}[{i}]", meta) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            _check_range(value, path, meta)
+            return value
+        raise _Invalid
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_range(value, path, meta)
+            return float(value)
+        raise _Invalid
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Invalid
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Invalid
+    raise TypeError(f"schema type {tp} not handled")  # a bug in the schema, not the config
+
+
+def _check_range(value, path, meta):
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}")
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = _hint(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"{where}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: required key is missing")
+            continue
+        try:
+            kwargs[name] = _coerce(raw[name], hints[name], where, dict(f.metadata))
+        except _Invalid:
+            raise ConfigError(
+                f"{where}: expected {_type_name(hints[name])}, got {json.dumps(raw[name])}"
+            ) from None
+    return cls(**kwargs)
+
+
+def _check_paths(cfg: Config) -> None:
+    data = cfg.data
+    root = Path(data.root)
+    if data.prepare is None and data.source != "tfrecord" and not root.is_dir():
+        raise ConfigError(f"data.root: folder {str(root)!r} does not exist")
+    for key in ("csv", "val_csv"):
+        value = getattr(data, key)
+        if value is not None and data.prepare is None:
+            p = root / value
+            if not p.is_file():
+                raise ConfigError(f"data.{key}: file {str(p)!r} does not exist")
+    for i, d in enumerate(data.image_dirs):
+        if data.prepare is None and not (root / d).is_dir():
+            raise ConfigError(f"data.image_dirs[{i}]: folder {str(root / d)!r} does not exist")
+    w = cfg.model.weights
+    if w not in (None, "imagenet") and not Path(w).is_file():
+        raise ConfigError(f"model.weights: {w!r} is neither 'imagenet', null, nor an existing file")
+
+
+def _check_semantics(cfg: Config) -> None:
+    """Cross-field rules that a type cannot express."""
+    if cfg.data.source == "tfrecord":
+        raise ConfigError("data.source: 'tfrecord' is planned (TFRecord issue) but not implemented yet")
+    if cfg.task not in IMPLEMENTED_TASKS:
+        raise ConfigError(f"task: {cfg.task!r} is planned but not implemented yet (available: {list(IMPLEMENTED_TASKS)})")
+    d = cfg.data
+    if d.source == "csv" and d.csv is None:
+        raise ConfigError("data.csv: required when data.source is 'csv'")
+    if isinstance(d.image_size, list) and len(d.image_size) != 2:
+        raise ConfigError(f"data.image_size: expected N or [H, W], got {d.image_size}")
+    if d.val_csv and d.split_column:
+        raise ConfigError("data.val_csv: give either val_csv or split_column, not both")
+    if d.split.method == "grouped" and not d.group_column and d.source != "ham10000":
+        raise ConfigError("data.split.method: 'grouped' needs data.group_column")
+    if d.split.fold is not None and d.split.fold >= d.split.n_folds:
+        raise ConfigError(f"data.split.fold: {d.split.fold} must be below n_folds={d.split.n_folds}")
+    if d.split.val_fraction + d.split.test_fraction >= 1.0:
+        raise ConfigError("data.split: val_fraction + test_fraction must be below 1")
+    for name in ("crop_scale", "crop_ratio"):
+        for where, p in _all_params(cfg.augment):
+            v = getattr(p, name)
+            if len(v) != 2 or v[0] > v[1] or v[0] <= 0:
+                raise ConfigError(f"augment.{where}.{name}: expected [low, high] with 0 < low <= high, got {v}")
+    t = cfg.augment.tiers
+    if len(t.thresholds) != 2 or t.thresholds[0] > t.thresholds[1]:
+        raise ConfigError(f"augment.tiers.thresholds: expected [heavy_below, medium_below], got {t.thresholds}")
+    tr = cfg.train
+    if tr.phases:
+        total = sum(p.epochs for p in tr.phases)
+        if tr.epochs is not None and tr.epochs != total:
+            raise ConfigError(f"train.epochs: {tr.epochs} disagrees with the phases, which add up to {total}")
+        tr.epochs = total
+        for i, p in enumerate(tr.phases):
+            if isinstance(p.image_size, list) and len(p.image_size) != 2:
+                raise ConfigError(f"train.phases[{i}].image_size: expected N or [H, W]")
+    if not tr.phases:
+        tr.epochs = tr.epochs or 10
+    if tr.schedule.name == "plateau" and not tr.monitor.startswith("val_"):
+        raise ConfigError("train.monitor: ReduceLROnPlateau needs a validation metric (val_...)")
+
+
+def _all_params(aug: AugmentConfig):
+    yield "params", aug.params
+    for n in ("light", "medium", "heavy"):
+        yield f"tiers.{n}", getattr(aug.tiers, n)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value). Values are JSON when they parse, else strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {k!r} is not an object")
+        node[keys[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Validate a raw dict. Errors are prefixed with `source`."""
+    try:
+        cfg = _build(Config, raw, "")
+        _check_semantics(cfg)
+        _check_paths(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a JSON config file.
+
+    Args:
+        path: the JSON file.
+        overrides: `key.path=value` strings, applied before validation.
+
+    Returns:
+        The validated `Config`.
+
+    Raises:
+        ConfigError: with the file, key path and problem in one line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be an object")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    if cfg.name is None:
+        cfg.name = path.stem
+    return cfg
+
+
+# --------------------------------------------------------------------------- JSON Schema
+
+
+def _schema_for(tp, meta: dict) -> dict:
+    origin = typing.get_origin(tp)
+    out: dict[str, Any]
+    if origin in (typing.Union, types.UnionType):
+        out = {"anyOf": [_schema_for(a, meta) for a in typing.get_args(tp)]}
+    elif tp is type(None):
+        out = {"type": "null"}
+    elif origin is Literal:
+        out = {"enum": list(typing.get_args(tp))}
+    elif dataclasses.is_dataclass(tp):
+        out = json_schema(tp)
+    elif origin is list:
+        out = {"type": "array", "items": _schema_for(typing.get_args(tp)[0], meta)}
+    else:
+        out = {"type": {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object"}[tp]}
+        if tp in (int, float):
+            if "min" in meta:
+                out["minimum"] = meta["min"]
+            if "max" in meta:
+                out["maximum"] = meta["max"]
+    return out
+
+
+def json_schema(cls=Config) -> dict:
+    """The JSON Schema of a config section (default: the whole config)."""
+    hints = _hint(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        s = _schema_for(hints[f.name], dict(f.metadata))
+        if f.metadata.get("help"):
+            s["description"] = f.metadata["help"]
+        if f.default is not dataclasses.MISSING:
+            s["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            s["default"] = _jsonable(f.default_factory())
+        else:
+            required.append(f.name)
+        props[f.name] = s
+    out = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        out["required"] = required
+    if cls is Config:
+        out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        out["title"] = "tfvision config"
+    return out
+
+
+def _jsonable(v):
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v

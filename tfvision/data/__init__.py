@@ -1,0 +1,1 @@
+"""Data: sources -> splits -> check -> pipeline (decode, augment, mix)."""

@@ -1,0 +1,199 @@
+"""The one input pipeline: samples -> read -> decode/crop -> resize -> batch -> augment -> mix.
+
+Every task and every source (loose files now, TFRecord shards later) goes
+through `build_dataset`; only `read` (where bytes come from) and the task's
+`format_batch` (how a batch becomes model inputs and targets) differ.
+
+Per image, in parallel: read the file, draw a random-resized-crop window,
+decode only that window (DCT-downscaled JPEG where possible), resize. Per
+batch: the joint image/mask augmentations and MixUp/CutMix, vectorised.
+Images leave the pipeline as float32 on the 0..255 scale; normalisation lives
+in the model so that exports carry it.
+
+>>> ds = build_dataset(Samples(paths, targets), spec, training=True)
+>>> images, targets = next(iter(ds))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tfvision.config import AugmentParams, Config
+from tfvision.data import augment as aug
+from tfvision.data.decode import decode, image_shape
+from tfvision.data.mix import mix_batch
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass
+class Samples:
+    """What the pipeline reads: aligned per-sample arrays."""
+
+    paths: np.ndarray  # [N] str
+    targets: np.ndarray  # [N, K] float32 (one-hot, multi-hot, ...)
+    tiers: np.ndarray | None = None  # [N] int32 augmentation tier
+    known: np.ndarray | None = None  # [N, K] float32, 1 where the label is known
+    weights: np.ndarray | None = None  # [N] float32 sample weights
+
+    def __len__(self):
+        return len(self.paths)
+
+
+@dataclasses.dataclass
+class PipelineSpec:
+    image_size: tuple[int, int]
+    channels: int
+    batch_size: int
+    tiers: list[AugmentParams]
+    augment: bool = True
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_p: float = 0.0
+    albumentations: dict | None = None
+    shuffle_buffer: int = 2048
+    deterministic: bool = False
+    cache: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, image_size=None) -> PipelineSpec:
+        a = cfg.augment
+        tiers = [a.tiers.light, a.tiers.medium, a.tiers.heavy] if a.tiers.enabled else [a.params]
+        return cls(
+            image_size=tuple(image_size or cfg.data.size), channels=cfg.data.channels,
+            batch_size=cfg.train.batch_size, tiers=tiers, augment=a.enabled,
+            mixup_alpha=a.mix.mixup_alpha, cutmix_alpha=a.mix.cutmix_alpha, mix_p=a.mix.p,
+            albumentations=a.albumentations, shuffle_buffer=cfg.data.shuffle_buffer,
+            deterministic=cfg.data.deterministic, cache=cfg.data.cache, seed=cfg.seed,
+        )
+
+
+def crop_window(data: tf.Tensor, params: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Random-resized-crop window [y, x, h, w]: area fraction and log-aspect drawn
+    uniformly from the image's tier row, clipped to the image."""
+    hw = tf.cast(image_shape(data), tf.float32)
+    u = tf.random.stateless_uniform([4], seed)
+    lo, hi = params[aug._COL["crop_scale_lo"]], params[aug._COL["crop_scale_hi"]]
+    rlo, rhi = params[aug._COL["crop_ratio_lo"]], params[aug._COL["crop_ratio_hi"]]
+    area = (lo + (hi - lo) * u[0]) * hw[0] * hw[1]
+    ratio = tf.exp(tf.math.log(rlo) + (tf.math.log(rhi) - tf.math.log(rlo)) * u[1])
+    h = tf.clip_by_value(tf.round(tf.sqrt(area / ratio)), 1.0, hw[0])
+    w = tf.clip_by_value(tf.round(tf.sqrt(area * ratio)), 1.0, hw[1])
+    y = tf.floor((hw[0] - h) * u[2])
+    x = tf.floor((hw[1] - w) * u[3])
+    return tf.cast(tf.stack([y, x, h, w]), tf.int32)
+
+
+def _element_seeds(seed: int) -> tf.data.Dataset:
+    # A fresh, reproducible stream of per-element seeds each epoch.
+    rand = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return rand.batch(2).map(lambda s: tf.cast(s % (2**31 - 1), tf.int32))
+
+
+def build_dataset(
+    samples: Samples, spec: PipelineSpec, *, training: bool, repeat: bool = False,
+    format_batch=None, read=tf.io.read_file,
+) -> tf.data.Dataset:
+    """Batched dataset of model-ready elements.
+
+    Args:
+        samples: paths and targets (see `Samples`).
+        spec: sizes, augmentation and batching (see `PipelineSpec.from_config`).
+        training: shuffle, augment, mix and drop the last partial batch.
+        repeat: repeat forever (with `steps_per_epoch`).
+        format_batch: task hook turning the batch dict into `(x, y[, w])`;
+            default `(image, target)`.
+        read: path -> bytes; swapped for TFRecord readers.
+    """
+    n = len(samples)
+    table = aug.param_table(spec.tiers)
+    tiers = samples.tiers if samples.tiers is not None else np.zeros(n, np.int32)
+    columns = {"path": samples.paths.astype(str), "target": samples.targets.astype(np.float32),
+               "tier": tiers.astype(np.int32)}
+    if samples.known is not None:
+        columns["known"] = samples.known.astype(np.float32)
+    if samples.weights is not None:
+        columns["weight"] = samples.weights.astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(columns)
+    do_aug = training and spec.augment
+    size = spec.image_size
+
+    def with_bytes(s):
+        return {**s, "bytes": read(s["path"])}
+
+    def load(s, seed):
+        params = tf.gather(table, s["tier"])
+        data = s["bytes"] if "bytes" in s else read(s["path"])
+        window = crop_window(data, params, seed) if do_aug and spec.albumentations is None else None
+        image = decode(data, spec.channels, window, target=size)
+        image = tf.image.resize(image, size)
+        out = {k: v for k, v in s.items() if k not in ("bytes", "path")}
+        return {**out, "image": image, "params": params}
+
+    if training:
+        if spec.cache:
+            ds = ds.map(with_bytes, num_parallel_calls=AUTOTUNE).cache()
+        ds = ds.shuffle(min(n, spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed))
+        ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
+    else:
+        ds = ds.map(lambda s: load(s, tf.zeros([2], tf.int32)), num_parallel_calls=AUTOTUNE,
+                    deterministic=True)
+        if spec.cache:
+            ds = ds.cache()
+        if repeat:
+            ds = ds.repeat()
+    # Files are checked before training; this only guards unchecked runs and
+    # skips (never blanks) a file that fails anyway, with a logged warning.
+    ds = ds.ignore_errors(log_warning=True)
+    if do_aug and spec.albumentations is not None:
+        ds = ds.map(aug.albumentations_fn(spec.albumentations), num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(spec.batch_size, drop_remainder=training and n >= spec.batch_size,
+                  num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic or not training)
+    if training:
+        ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed + 1))
+        ds = ds.map(lambda b, s: {**b, "seed": s}, num_parallel_calls=AUTOTUNE)
+        if do_aug and spec.albumentations is None:
+            ds = ds.map(aug.augment_batch, num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
+        if do_aug and spec.mix_p > 0:
+            ds = ds.map(lambda b: mix_batch(b, spec.mixup_alpha, spec.cutmix_alpha, spec.mix_p),
+                        num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
+    ds = ds.map(format_batch or default_format, num_parallel_calls=AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = spec.deterministic or not training
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def default_format(batch: dict):
+    if "weight" in batch:
+        return batch["image"], batch["target"], batch["weight"]
+    return batch["image"], batch["target"]
+
+
+def steps_for(n: int, batch_size: int, training: bool) -> int:
+    return max(1, n // batch_size) if training and n >= batch_size else max(1, math.ceil(n / batch_size))
+
+
+def channel_stats(samples: Samples, spec: PipelineSpec, limit: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..255 scale) over up to `limit` images, un-augmented."""
+    sub = Samples(samples.paths[:limit], samples.targets[:limit])
+    ds = build_dataset(sub, dataclasses.replace(spec, cache=False), training=False)
+    total = np.zeros(spec.channels)
+    sq = np.zeros(spec.channels)
+    count = 0
+    for images, _ in ds:
+        x = images.numpy().reshape(-1, spec.channels).astype(np.float64)
+        total += x.sum(0)
+        sq += (x**2).sum(0)
+        count += len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
+    return mean.tolist(), std.tolist()

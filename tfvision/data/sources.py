@@ -1,0 +1,171 @@
+"""Data sources: turn a dataset layout into one sample table.
+
+Every source returns a `SampleTable`: a DataFrame with the columns
+
+- ``path``  absolute image path (str)
+- ``label`` the raw class name (str) for classification
+- ``group`` patient / lesion id (str), or the path when the layout has none
+- ``split`` ``train`` / ``val`` / ``test`` where the layout fixes it, else ``""``
+
+plus the rows that could not be used (``missing``), so that the check pass
+reports them instead of silently dropping them. No TensorFlow here: the
+TFRecord converter and the config check reuse these readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from pathlib import Path
+
+import pandas as pd
+
+from tfvision.config import DataConfig
+from tfvision.errors import DataError
+from tfvision.registry import Registry
+
+SOURCES = Registry("data source")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class SampleTable:
+    frame: pd.DataFrame
+    missing: list[dict] = dataclasses.field(default_factory=list)  # [{"path", "reason"}]
+
+    def __post_init__(self):
+        if self.frame.empty:
+            raise DataError("the data source produced no samples")
+        for col in ("path", "label", "group", "split"):
+            if col not in self.frame:
+                raise AssertionError(f"source forgot column {col!r}")  # a bug, not user input
+
+
+def load_samples(data: DataConfig) -> SampleTable:
+    """Read the configured source into a `SampleTable`."""
+    return SOURCES.get(data.source)(data)
+
+
+def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot parse CSV: {e}") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {list(frame.columns)}")
+    if frame.empty:
+        raise DataError(f"{path}: no rows")
+    return frame
+
+
+def _split_rows(frame: pd.DataFrame, data: DataConfig, csv_path: Path) -> pd.Series:
+    if not data.split_column:
+        return pd.Series([""] * len(frame), index=frame.index)
+    values = frame[data.split_column].str.strip().str.lower().replace({"valid": "val", "validation": "val"})
+    bad = sorted(set(values) - set(SPLIT_NAMES))
+    if bad:
+        raise DataError(f"{csv_path}: column {data.split_column!r} has values {bad}; expected {list(SPLIT_NAMES)}")
+    return values
+
+
+def _split_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    exists = frame["path"].map(lambda p: Path(p).is_file())
+    missing = [{"path": p, "reason": "file not found"} for p in frame.loc[~exists, "path"]]
+    return frame.loc[exists].reset_index(drop=True), missing
+
+
+def _template_paths(frame: pd.DataFrame, template: str, root: Path, csv_path: Path) -> pd.Series:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    absent = [f for f in fields if f not in frame.columns]
+    if absent:
+        raise DataError(f"data.path_template: {template!r} uses column(s) {absent} not in {csv_path}")
+    return frame.apply(lambda row: str(root / template.format(**row.to_dict())), axis=1)
+
+
+def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFrame:
+    root = Path(data.root)
+    csv_path = root / csv_rel
+    required = [data.label_column]
+    if not data.path_template:
+        required.append(data.path_column)
+    if data.group_column:
+        required.append(data.group_column)
+    if data.split_column and split is None:
+        required.append(data.split_column)
+    frame = _read_csv(csv_path, required)
+    if data.path_template:
+        paths = _template_paths(frame, data.path_template, root, csv_path)
+    else:
+        paths = frame[data.path_column].map(lambda p: str(root / p))
+    out = pd.DataFrame(
+        {
+            "path": paths,
+            "label": frame[data.label_column].astype(str),
+            "group": frame[data.group_column].astype(str) if data.group_column else paths,
+            "split": split if split is not None else _split_rows(frame, data, csv_path),
+        }
+    )
+    empty = out["label"].str.strip() == ""
+    if empty.any():
+        raise DataError(f"{csv_path}: {int(empty.sum())} row(s) have an empty {data.label_column!r}")
+    return out
+
+
+@SOURCES.register("csv")
+def csv_source(data: DataConfig) -> SampleTable:
+    """Generic CSV: path (or a template over columns), label, optional group and split."""
+    frame = _csv_frame(data, data.csv, "train" if data.val_csv else None)
+    if data.val_csv:
+        frame = pd.concat([frame, _csv_frame(data, data.val_csv, "val")], ignore_index=True)
+    frame, missing = _split_missing(frame)
+    if frame.empty:
+        where = f"template {data.path_template!r}" if data.path_template else f"column {data.path_column!r}"
+        raise DataError(f"data.root: no image named by {where} exists under {data.root}")
+    return SampleTable(frame, missing)
+
+
+@SOURCES.register("ham10000")
+def ham10000_source(data: DataConfig) -> SampleTable:
+    """HAM10000: HAM10000_metadata.csv + ISIC_*.jpg spread over one or more folders.
+
+    Groups are `lesion_id`, so several photos of one lesion never straddle splits.
+    """
+    root = Path(data.root)
+    csv_path = root / (data.csv or "HAM10000_metadata.csv")
+    if not csv_path.is_file():
+        raise DataError(f"data.root: {csv_path} not found (the HAM10000 metadata CSV)")
+    frame = _read_csv(csv_path, ["lesion_id", "image_id", "dx"])
+    dirs = [root / d for d in data.image_dirs] or [root]
+    index: dict[str, str] = {}
+    for d in dirs:
+        for p in d.rglob("ISIC_*"):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                index.setdefault(p.stem, str(p))
+    paths = frame["image_id"].map(lambda i: index.get(i, str(dirs[0] / f"{i}.jpg")))
+    out = pd.DataFrame(
+        {"path": paths, "label": frame["dx"], "group": frame["lesion_id"], "split": _split_rows(frame, data, csv_path)}
+    )
+    out, missing = _split_missing(out)
+    if out.empty:
+        raise DataError(f"data.root: none of the {len(frame)} ISIC_*.jpg images was found under {dirs}")
+    return SampleTable(out, missing)
+
+
+@SOURCES.register("folders")
+def folders_source(data: DataConfig) -> SampleTable:
+    """Class-per-folder: root/train/<class>/*.jpg (+ val/, test/), or root/<class>/*.jpg."""
+    root = Path(data.root)
+    split_dirs = [(s, root / s) for s in SPLIT_NAMES if (root / s).is_dir()]
+    if not split_dirs:
+        split_dirs = [("", root)]
+    rows = []
+    for split, base in split_dirs:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for p in sorted(class_dir.rglob("*")):
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                    rows.append((str(p), class_dir.name, str(p), split))
+    if not rows:
+        raise DataError(f"data.root: no images in class folders under {root}")
+    return SampleTable(pd.DataFrame(rows, columns=["path", "label", "group", "split"]))

@@ -1,0 +1,1 @@
+"""Models: backbones (registry), heads, U-Net later."""

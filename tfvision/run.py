@@ -1,0 +1,96 @@
+"""The run folder: one directory holds everything a training run made.
+
+    config.json         resolved config (the run's single source of truth)
+    run.json            inference contract: task, classes, size, channels, normalisation
+    data_report.json    counts per split and class, rejected files with reasons
+    splits/{train,val,test}.csv
+    history.csv  training_curves.png  metrics.json
+    checkpoints/{best,last}.keras  best.json  phase<i>.weights.h5
+    backup/phase<i>/    BackupAndRestore state while a phase is running
+    progress.json       phases finished so far
+    tensorboard/
+
+A run folder that already holds a config resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from tfvision.config import Config, config_from_dict
+from tfvision.errors import ConfigError
+from tfvision.fileio import read_json, write_json
+
+
+def new_run_dir(cfg: Config, output_dir: str | None) -> Path:
+    if output_dir:
+        return Path(output_dir)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def open_run(run_dir: Path, cfg: Config) -> bool:
+    """Create `run_dir` or check it belongs to `cfg`. Returns True when resuming."""
+    saved = run_dir / "config.json"
+    current = json.loads(json.dumps(cfg.to_dict()))
+    if saved.exists():
+        previous = read_json(saved)
+        changed = _diff(previous, current)
+        if changed:
+            raise ConfigError(
+                f"{run_dir}: this run folder was started with a different config "
+                f"(differs at {', '.join(changed[:5])}); use another --output-dir, or --resume {run_dir}"
+            )
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(saved, current)
+    return False
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
+    return config_from_dict(read_json(path), str(path))
+
+
+def write_splits(run_dir: Path, frame: pd.DataFrame) -> None:
+    from tfvision.fileio import write_text
+
+    for name in ("train", "val", "test"):
+        part = frame[frame["split"] == name][["path", "label", "group"]]
+        if len(part):
+            write_text(run_dir / "splits" / f"{name}.csv", part.to_csv(index=False))
+
+
+def read_splits(run_dir: Path) -> pd.DataFrame | None:
+    parts = []
+    for name in ("train", "val", "test"):
+        p = run_dir / "splits" / f"{name}.csv"
+        if p.exists():
+            part = pd.read_csv(p, dtype=str, keep_default_na=False)
+            part["split"] = name
+            parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def progress(run_dir: Path) -> int:
+    p = run_dir / "progress.json"
+    return read_json(p)["phases_done"] if p.exists() else 0
+
+
+def mark_phase_done(run_dir: Path, phases_done: int) -> None:
+    write_json(run_dir / "progress.json", {"phases_done": phases_done})

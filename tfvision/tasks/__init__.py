@@ -1,0 +1,16 @@
+"""Tasks: what differs between classification, multi-label and segmentation.
+
+A task turns the sample table into targets, builds the model, its loss and
+metrics, formats batches for `fit`, and summarises validation predictions.
+The trainer only talks to this interface (Model Garden's Task idea).
+"""
+
+from tfvision.registry import Registry
+
+TASKS = Registry("task")
+
+
+def get_task(name: str):
+    from tfvision.tasks import classification  # noqa: F401  (registers)
+
+    return TASKS.get(name)()

@@ -1,0 +1,106 @@
+"""Train a model from a JSON config: ``python -m tfvision.train --config FILE``.
+
+Reads top to bottom: validate the config (before TensorFlow is imported), read
+and split the data, check every file, build the task's model, run each
+training phase with `fit`, then evaluate the best checkpoint into the run
+folder. A killed run resumes when started again on the same run folder.
+
+Exit codes: 0 success, 2 config or data error (one line on stderr), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tfvision import __version__
+from tfvision.config import PhaseConfig, json_schema, load_config
+from tfvision.errors import DataError, UserError
+from tfvision.run import load_run_config, new_run_dir, open_run
+
+log = logging.getLogger("tfvision.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tfvision.train",
+        description="Train a tfvision model from a JSON config. Exit 0 ok, 2 config/data error, 1 other.",
+    )
+    p.add_argument("--config", help="JSON config file (see configs/)")
+    p.add_argument("--output-dir", help="run folder (default runs/<config name>-<timestamp>); "
+                   "an existing run folder with the same config resumes")
+    p.add_argument("--resume", metavar="RUN_DIR", help="resume a run folder with its saved config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (JSON literal or string); repeatable")
+    p.add_argument("--check-data", action="store_true",
+                   help="only read, split and check every image, write data_report.json, then exit")
+    p.add_argument("--print-schema", action="store_true", help="print the config JSON Schema and exit")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bars")
+    args = p.parse_args(argv)
+    if not (args.config or args.resume or args.print_schema):
+        p.error("one of --config, --resume or --print-schema is required")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if args.print_schema:
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            cfg = load_run_config(run_dir)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = new_run_dir(cfg, args.output_dir)
+        return train(cfg, run_dir, check_only=args.check_data, verbose=0 if args.quiet else 2)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
+    """Run (or resume) training for a validated config into `run_dir`."""
+    from tfvision.data import builtin
+
+    if cfg.data.prepare:
+        builtin.prepare(cfg.data.prepare, cfg.data.root)
+    # Data decisions are all made before TensorFlow loads.
+    resuming = open_run(run_dir, cfg)
+    log.info("%s run folder %s", "resuming" if resuming else "new", run_dir)
+    frame, rejected_missing = _read_samples(cfg, run_dir)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tfvision import training
+
+    return training.fit_run(cfg, run_dir, frame, rejected_missing, resuming, check_only, verbose)
+
+
+def _read_samples(cfg, run_dir: Path):
+    from tfvision.data.sources import load_samples
+    from tfvision.data.splits import assign_splits
+    from tfvision.run import read_splits, write_splits
+
+    saved = read_splits(run_dir)
+    table = load_samples(cfg.data)
+    if saved is not None:  # a resumed run keeps exactly the split it started with
+        return saved, table.missing
+    frame = assign_splits(table.frame, cfg.data.split, cfg.seed)
+    write_splits(run_dir, frame)
+    return frame, table.missing
+
+
+def default_phases(cfg) -> list[PhaseConfig]:
+    return cfg.train.phases or [PhaseConfig(epochs=cfg.train.epochs, trainable="all")]
+
+
+__all__ = ["main", "train", "default_phases", "DataError", "__version__"]
+
+if __name__ == "__main__":
+    sys.exit(main())
