@@ -1,0 +1,151 @@
+"""Config validation: every bad config stops early with file, key path and reason."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tfvision.config import Config, json_schema, load_config
+from tfvision.errors import ConfigError
+
+
+def write(tmp_path, cfg: dict, name="cfg.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.fixture
+def base(small_digits) -> dict:
+    return {
+        "data": {"source": "csv", "root": str(small_digits), "csv": "digits.csv", "image_size": 32},
+        "model": {"backbone": "small_cnn", "weights": None},
+        "train": {"epochs": 1, "batch_size": 16},
+    }
+
+
+def error_of(tmp_path, cfg, overrides=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, cfg), overrides)
+    return str(e.value)
+
+
+def test_valid_config_loads_with_typed_values(tmp_path, base):
+    cfg = load_config(write(tmp_path, base))
+    assert isinstance(cfg, Config)
+    assert cfg.data.size == (32, 32)
+    assert cfg.train.batch_size == 16 and cfg.name == "cfg"
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path, base):
+    base["data"]["image_sise"] = 64
+    msg = error_of(tmp_path, base)
+    assert "cfg.json" in msg and "data.image_sise" in msg and "did you mean 'image_size'" in msg
+
+
+def test_unknown_nested_key_and_choice(tmp_path, base):
+    base["train"]["optimizer"] = {"nam": "adam"}
+    assert "train.optimizer.nam" in error_of(tmp_path, base)
+    base["train"]["optimizer"] = {"name": "adamm"}
+    msg = error_of(tmp_path, base)
+    assert "train.optimizer.name" in msg and "did you mean 'adam'" in msg
+
+
+@pytest.mark.parametrize(
+    "path, value, words",
+    [
+        (("train", "batch_size"), "32", "expected int"),
+        (("train", "batch_size"), 0, "below the minimum 1"),
+        (("data", "split"), {"val_fraction": 1.5}, "above the maximum"),
+        (("data", "image_size"), [32, 32, 64], "expected N or [H, W]"),
+        (("augment",), {"params": {"crop_scale": [0.9, 0.1]}}, "crop_scale"),
+        (("train",), {"epochs": 5, "phases": [{"epochs": 2}, {"epochs": 2}]}, "add up to 4"),
+    ],
+)
+def test_wrong_types_and_impossible_values(tmp_path, base, path, value, words):
+    node = base
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    msg = error_of(tmp_path, base)
+    assert words in msg and ".".join(path) in msg.replace("[", ".")
+
+
+def test_missing_files_and_folders(tmp_path, base):
+    base["data"]["csv"] = "nope.csv"
+    assert "data.csv" in error_of(tmp_path, base) and "does not exist" in error_of(tmp_path, base)
+    base["data"]["csv"] = "digits.csv"
+    base["data"]["root"] = str(tmp_path / "missing")
+    assert "data.root" in error_of(tmp_path, base)
+
+
+def test_missing_required_key(tmp_path, base):
+    del base["model"]["backbone"]
+    assert "model.backbone: required key is missing" in error_of(tmp_path, base)
+
+
+def test_overrides_are_typed_and_validated(tmp_path, base):
+    cfg = load_config(write(tmp_path, base), ["train.batch_size=8", "data.split.method=grouped",
+                                                "data.group_column=group", "model.head.hidden=[64,32]"])
+    assert cfg.train.batch_size == 8 and cfg.data.split.method == "grouped"
+    assert cfg.model.head.hidden == [64, 32]
+    assert "train.batch_sise" in error_of(tmp_path, base, ["train.batch_sise=8"])
+
+
+def test_not_implemented_task_is_reported(tmp_path, base):
+    base["task"] = "segmentation"
+    assert "task" in error_of(tmp_path, base) and "not implemented" in error_of(tmp_path, base)
+
+
+def test_json_schema_describes_the_config():
+    schema = json_schema()
+    data = schema["properties"]["data"]
+    assert data["properties"]["source"]["enum"] == ["ham10000", "csv", "folders", "tfrecord"]
+    assert "source" in data["required"] and data["additionalProperties"] is False
+    assert schema["properties"]["train"]["properties"]["batch_size"] == {
+        "type": "integer", "minimum": 1, "default": 32}
+    json.dumps(schema)  # must be serialisable
+
+
+def test_cli_rejects_bad_config_fast_without_tensorflow(tmp_path, base):
+    base["data"]["image_sise"] = 64
+    p = write(tmp_path, base)
+    t0 = time.time()
+    r = run_cli("-m", "tfvision.train", "--config", str(p))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "did you mean 'image_size'" in lines[0]
+    assert time.time() - t0 < 15  # TensorFlow alone takes longer than this to import here
+
+
+def test_validation_does_not_import_tensorflow(tmp_path, base):
+    p = write(tmp_path, base)
+    code = (f"import sys; from tfvision.config import load_config; load_config({str(p)!r}); "
+            "from tfvision.data.sources import load_samples; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    r = run_cli("-c", code)
+    assert r.returncode == 0, r.stderr
+
+
+def test_print_schema_cli():
+    r = run_cli("-m", "tfvision.train", "--print-schema")
+    assert r.returncode == 0
+    assert json.loads(r.stdout)["title"] == "tfvision config"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.json")))
+def test_shipped_configs_validate(tmp_path, name):
+    raw = json.loads((REPO / "configs" / name).read_text())
+    # Point the data at an empty real folder with the files the config names.
+    raw["data"]["root"] = str(tmp_path)
+    for key in ("csv", "val_csv"):
+        if raw["data"].get(key):
+            (tmp_path / raw["data"][key]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / raw["data"][key]).write_text("x\n")
+    for d in raw["data"].get("image_dirs", []):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    cfg = load_config(write(tmp_path, raw, name))
+    assert cfg.model.backbone
