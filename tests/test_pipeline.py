@@ -1,0 +1,218 @@
+"""Decode, augment, mix and the batched pipeline; ops checked eagerly and inside Dataset.map."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfvision.config import AugmentParams, Config, TierConfig
+from tfvision.data import augment as aug
+from tfvision.data.check import check_files
+from tfvision.data.decode import decode
+from tfvision.data.mix import mix_batch
+from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, crop_window
+
+OFF = AugmentParams(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hflip=0, vflip=0, affine_p=0, color_p=0,
+                    noise_p=0, blur_p=0, erase_p=0)
+
+
+def read(p):
+    return tf.io.read_file(str(p))
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def test_decode_picks_decoder_from_bytes_not_extension(odd_images):
+    rgb = odd_images["_rgb_array"].astype(np.float32)
+    png_as_jpg = decode(read(odd_images["png_named.jpg"]), 3).numpy()
+    np.testing.assert_array_equal(png_as_jpg, rgb)  # lossless path, exact
+    jpg = decode(read(odd_images["rgb.jpg"]), 3).numpy()
+    assert jpg.shape == rgb.shape and np.abs(jpg - rgb).mean() < 6  # JPEG loss only
+
+
+def test_decode_gray_cmyk_and_16bit(odd_images):
+    rgb = odd_images["_rgb_array"].astype(np.float32)
+    gray = decode(read(odd_images["gray.png"]), 3).numpy()
+    assert gray.shape == rgb.shape
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    np.testing.assert_array_equal(gray[..., 0], rgb[..., 0])
+    g16 = decode(read(odd_images["gray16.png"]), 1).numpy()
+    np.testing.assert_allclose(g16[..., 0], rgb[..., 0], atol=1e-3)  # 16-bit scaled back to 0..255
+    cmyk = decode(read(odd_images["cmyk.jpg"]), 3).numpy()
+    assert cmyk.shape == rgb.shape and np.abs(cmyk - rgb).mean() < 12
+    one = decode(read(odd_images["rgb.jpg"]), 1)
+    assert one.shape[-1] == 1 and one.dtype == tf.float32
+
+
+def test_dct_downscaled_crop_matches_full_decode(odd_images, tmp_path):
+    big = np.asarray(Image.fromarray(odd_images["_rgb_array"]).resize((400, 400)))
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=95)
+    window = tf.constant([40, 80, 320, 240])
+    fast = tf.image.resize(decode(read(path), 3, window, target=(64, 64)), (64, 64))
+    full = decode(read(path), 3)[40:360, 80:320]
+    slow = tf.image.resize(full, (64, 64), antialias=True)
+    assert float(tf.reduce_mean(tf.abs(fast - slow))) < 6.0
+
+
+def test_check_lists_every_broken_file_with_a_reason(odd_images):
+    paths = [str(p) for k, p in odd_images.items() if not k.startswith("_")]
+    bad = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in check_files(paths, 3, progress=False)}
+    assert set(bad) == {"truncated.jpg", "empty.jpg", "text.png"}
+    assert bad["empty.jpg"] == "empty file"
+    assert "jpeg" in bad["truncated.jpg"].lower() and bad["text.png"]
+
+
+# --------------------------------------------------------------------------- augment
+
+
+def _batch(n=4, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((n, size // 4, size // 4, 1)) > 0.5).astype(np.int32)
+    mask = np.kron(mask, np.ones((1, 4, 4, 1), np.int32))  # blocky labels 0/1
+    image = np.repeat(mask * 200.0 + 20.0, 3, axis=-1).astype(np.float32)
+    return image, mask
+
+
+def _geo_only(**kw):
+    return dataclasses.replace(OFF, **kw)
+
+
+def test_augment_eager_equals_dataset_map():
+    image, mask = _batch()
+    table = aug.param_table([AugmentParams(blur_p=0.5, erase_p=0.5)])
+    batch = {"image": tf.constant(image), "mask": tf.constant(mask),
+             "params": tf.gather(table, [0, 0, 0, 0]), "seed": tf.constant([3, 4])}
+    eager = aug.augment_batch(dict(batch))
+    mapped = next(iter(tf.data.Dataset.from_tensors(batch).map(aug.augment_batch)))
+    for k in ("image", "mask"):
+        np.testing.assert_allclose(eager[k].numpy(), mapped[k].numpy(), atol=1e-4)
+    assert not np.allclose(eager["image"].numpy(), image)  # something did change
+
+
+def test_geometric_ops_move_image_and_mask_together():
+    image, mask = _batch(n=8)
+    p = _geo_only(hflip=0.5, vflip=0.5, affine_p=1.0, shift=0.1, scale=0.1, rotate=25.0)
+    table = aug.param_table([p])
+    batch = {"image": tf.constant(image), "mask": tf.constant(mask), "params": tf.gather(table, [0] * 8),
+             "seed": tf.constant([1, 2])}
+    out = aug.augment_batch(batch)
+    m = out["mask"].numpy()
+    assert out["mask"].dtype == tf.int32 and set(np.unique(m)) <= {0, 1}  # labels never blended
+    # Where the image is clearly one label, the mask agrees (bilinear edges aside).
+    img = out["image"].numpy()[..., 0]
+    sure = (img < 40) | (img > 200)
+    agree = ((img > 120) == (m[..., 0] == 1))[sure].mean()
+    assert agree > 0.99
+    assert not np.array_equal(m, mask)
+
+
+def test_ops_respect_their_probability():
+    image, _ = _batch(n=16)
+    batch = {"image": tf.constant(image), "params": tf.gather(aug.param_table([OFF]), [0] * 16),
+             "seed": tf.constant([5, 6])}
+    out = aug.augment_batch(batch)
+    np.testing.assert_allclose(out["image"].numpy(), image, atol=1e-3)
+
+
+def test_tiers_pick_strength_per_image():
+    table = aug.param_table([TierConfig().light, TierConfig().medium, TierConfig().heavy])
+    rows = tf.gather(table, [2, 0])
+    assert float(aug.col(rows, "erase_p")[0]) == pytest.approx(TierConfig().heavy.erase_p)
+    assert TierConfig().heavy.erase_p > 0
+    assert float(aug.col(rows, "erase_p")[1]) == 0.0
+
+
+# --------------------------------------------------------------------------- mix
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mix_label_mass_matches_pixels(mixup, cutmix):
+    n = 6
+    image = np.zeros((n, 16, 16, 3), np.float32)
+    image[n // 2 :] = 255.0  # first half black, second half white
+    target = np.eye(2, dtype=np.float32)[[0] * (n // 2) + [1] * (n - n // 2)]
+    for s in range(10):
+        out = mix_batch({"image": tf.constant(image), "target": tf.constant(target), "seed": tf.constant([s, 0])},
+                        mixup, cutmix, p=1.0)
+        t, x = out["target"].numpy(), out["image"].numpy()
+        np.testing.assert_allclose(t.sum(1), 1.0, atol=1e-6)
+        # The share of "white" in each mixed image equals the weight of class 1.
+        np.testing.assert_allclose(x.mean(axis=(1, 2, 3)) / 255.0, t[:, 1], atol=1e-5)
+
+
+def test_mix_known_mask_is_anded():
+    known = np.array([[1, 1], [1, 0]], np.float32)
+    out = mix_batch({"image": tf.zeros((2, 8, 8, 3)), "target": tf.zeros((2, 2)), "known": tf.constant(known),
+                     "seed": tf.constant([0, 0])}, 0.4, 0.0, p=1.0)
+    np.testing.assert_array_equal(out["known"].numpy(), [[1, 0], [1, 0]])
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _samples(odd_images, repeat=4):
+    names = ["rgb.jpg", "png_named.jpg", "gray.png", "cmyk.jpg", "gray16.png"]
+    paths = np.array([str(odd_images[n]) for n in names] * repeat)
+    targets = np.eye(3, dtype=np.float32)[np.arange(len(paths)) % 3]
+    return Samples(paths, targets)
+
+
+def test_training_batches_have_the_promised_shape_dtype_and_range(odd_images):
+    spec = PipelineSpec(image_size=(40, 48), channels=3, batch_size=6, tiers=[AugmentParams(erase_p=0.5)],
+                        mixup_alpha=0.2, cutmix_alpha=1.0, mix_p=0.5)
+    ds = build_dataset(_samples(odd_images), spec, training=True, repeat=True)
+    for x, y in ds.take(5):
+        assert x.shape == (6, 40, 48, 3) and x.dtype == tf.float32
+        assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0
+        np.testing.assert_allclose(y.numpy().sum(1), 1.0, atol=1e-6)
+
+
+def test_eval_pipeline_keeps_order_and_every_sample(odd_images):
+    s = _samples(odd_images, repeat=1)
+    spec = PipelineSpec(image_size=(32, 32), channels=3, batch_size=2, tiers=[OFF])
+    ys = np.concatenate([y.numpy() for _, y in build_dataset(s, spec, training=False)])
+    np.testing.assert_array_equal(ys, s.targets)
+
+
+def test_unchecked_corrupt_file_is_skipped_not_blanked(odd_images):
+    paths = np.array([str(odd_images["rgb.jpg"]), str(odd_images["truncated.jpg"]), str(odd_images["gray.png"])])
+    s = Samples(paths, np.eye(3, dtype=np.float32))
+    spec = PipelineSpec(image_size=(32, 32), channels=3, batch_size=8, tiers=[OFF])
+    x, y = next(iter(build_dataset(s, spec, training=False)))
+    assert x.shape[0] == 2
+    np.testing.assert_array_equal(y.numpy(), np.eye(3)[[0, 2]])
+    assert float(tf.reduce_min(tf.reduce_max(x, axis=[1, 2, 3]))) > 0  # no black stand-in
+
+
+def test_sample_weights_flow_through(odd_images):
+    s = _samples(odd_images, repeat=1)
+    s.weights = np.arange(len(s), dtype=np.float32)
+    spec = PipelineSpec(image_size=(16, 16), channels=3, batch_size=5, tiers=[OFF])
+    _, _, w = next(iter(build_dataset(s, spec, training=False)))
+    np.testing.assert_array_equal(w.numpy(), np.arange(5))
+
+
+def test_crop_window_stays_inside_the_image(odd_images):
+    table = aug.param_table([AugmentParams(crop_scale=[0.1, 1.0], crop_ratio=[0.5, 2.0])])
+    data = read(odd_images["rgb.jpg"])
+    for s in range(30):
+        y, x, h, w = crop_window(data, table[0], tf.constant([s, 1])).numpy()
+        assert 0 <= y and 0 <= x and h >= 1 and w >= 1 and y + h <= 64 and x + w <= 64
+
+
+def test_spec_from_config_uses_tiers_when_enabled():
+    cfg = Config.__new__(Config)  # only the fields PipelineSpec reads
+    from tfvision.config import AugmentConfig, DataConfig, TrainConfig
+
+    cfg.data = DataConfig(source="csv", root=".", csv="x.csv", image_size=[20, 30])
+    cfg.augment = AugmentConfig(tiers=TierConfig(enabled=True))
+    cfg.train = TrainConfig(batch_size=3)
+    cfg.seed = 0
+    spec = PipelineSpec.from_config(cfg)
+    assert spec.image_size == (20, 30) and len(spec.tiers) == 3 and spec.batch_size == 3
