@@ -11,48 +11,60 @@ from __future__ import annotations
 
 import keras
 
-_BASES = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
-_CLASSES: dict[str, type] = {}
+
+class _LrMultipliers:
+    """Mixin for a Keras optimizer: per-variable learning-rate multipliers.
+
+    Multipliers are keyed by variable identity at construction, so they are
+    not part of `get_config`: a reloaded optimizer trains every variable at
+    the base rate (only a concern when fine-tuning from a saved .keras file).
+    """
+
+    def __init__(self, *args, lr_multipliers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mult_by_id = dict(lr_multipliers or {})
+        self._mults = []
+
+    def build(self, variables):
+        super().build(variables)
+        self._mults = [self._mult_by_id.get(id(v), 1.0) for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        m = self._mults[self._get_variable_index(variable)] if self._mults else 1.0
+        lr = learning_rate * m if m != 1.0 else learning_rate
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            # Decoupled decay at the variable's own rate (see _apply_weight_decay).
+            wd = keras.ops.cast(self.weight_decay, variable.dtype)
+            variable.assign(variable - variable * wd * keras.ops.cast(lr, variable.dtype))
+        return super().update_step(gradient, variable, lr)
+
+    def _apply_weight_decay(self, variables):
+        # Done per variable in update_step instead, where its multiplier is known;
+        # update_step runs inside the strategy's per-replica update, so this
+        # stays correct under MirroredStrategy.
+        return
 
 
-def _scaled_class(base: type) -> type:
-    if base.__name__ in _CLASSES:
-        return _CLASSES[base.__name__]
+@keras.saving.register_keras_serializable(package="tfvision")
+class ScaledAdam(_LrMultipliers, keras.optimizers.Adam):
+    pass
 
-    class Scaled(base):
-        def __init__(self, *args, lr_multipliers=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            # id(variable) -> multiplier; resolved to variable indices in build().
-            self._mult_by_id = dict(lr_multipliers or {})
-            self._mults = []
 
-        def build(self, variables):
-            super().build(variables)
-            self._mults = [self._mult_by_id.get(id(v), 1.0) for v in variables]
+@keras.saving.register_keras_serializable(package="tfvision")
+class ScaledAdamW(_LrMultipliers, keras.optimizers.AdamW):
+    pass
 
-        def update_step(self, gradient, variable, learning_rate):
-            m = self._mults[self._get_variable_index(variable)] if self._mults else 1.0
-            lr = learning_rate * m if m != 1.0 else learning_rate
-            if self.weight_decay is not None and self._use_weight_decay(variable):
-                # Decoupled decay at the variable's own rate (see _apply_weight_decay).
-                wd = keras.ops.cast(self.weight_decay, variable.dtype)
-                variable.assign(variable - variable * wd * keras.ops.cast(lr, variable.dtype))
-            return super().update_step(gradient, variable, lr)
 
-        def _apply_weight_decay(self, variables):
-            # Done per variable in update_step instead, where its multiplier is known;
-            # update_step runs inside the strategy's per-replica update, so this
-            # stays correct under MirroredStrategy.
-            return
+@keras.saving.register_keras_serializable(package="tfvision")
+class ScaledSGD(_LrMultipliers, keras.optimizers.SGD):
+    pass
 
-    Scaled.__name__ = f"Scaled{base.__name__}"
-    _CLASSES[base.__name__] = Scaled
-    return Scaled
+
+_CLASSES = {"adam": ScaledAdam, "adamw": ScaledAdamW, "sgd": ScaledSGD}
 
 
 def build_optimizer(cfg, learning_rate, backbone_variables=(), backbone_mult: float = 1.0):
     """Optimizer from an OptimizerConfig; backbone variables train at lr * backbone_mult."""
-    base = _BASES[cfg.name]
     kwargs = {"learning_rate": learning_rate}
     if cfg.name == "adamw":
         kwargs["weight_decay"] = cfg.weight_decay
@@ -62,6 +74,4 @@ def build_optimizer(cfg, learning_rate, backbone_variables=(), backbone_mult: fl
     if cfg.clipnorm:
         kwargs["clipnorm"] = cfg.clipnorm
     mults = {id(v): backbone_mult for v in backbone_variables} if backbone_mult != 1.0 else {}
-    if not mults:
-        return base(**kwargs)
-    return _scaled_class(base)(lr_multipliers=mults, **kwargs)
+    return _CLASSES[cfg.name](lr_multipliers=mults, **kwargs)

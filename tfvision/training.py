@@ -217,7 +217,8 @@ def finish(cfg, run_dir: Path, task, model, val_s: Samples, class_names):
 
     best = run_dir / "checkpoints" / "best.keras"
     if best.exists():
-        model = keras.saving.load_model(best)  # safe_mode stays on: only our registered layers
+        # compile=False: inference only; safe_mode stays on (only registered tfvision layers).
+        model = keras.saving.load_model(best, compile=False)
     spec = PipelineSpec.from_config(cfg)
     logits = predict_logits(model, build_dataset(val_s, spec, training=False))
     summary = task.summarize(val_s.targets, logits, class_names)
