@@ -92,7 +92,10 @@ def setup_runtime(cfg: Config):
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
     if cfg.train.strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        # MirroredStrategy() alone falls back to one CPU when there is no GPU; list
+        # the logical CPUs explicitly so multi-device CPU runs (and tests) mirror too.
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
     return tf.distribute.get_strategy()
 
 
@@ -150,6 +153,7 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         "normalization": {"mean": list(norm.mean), "std": list(norm.std), "bgr": norm.bgr},
         "class_weights": None if weights is None else weights.tolist(),
         "class_tiers": None if tiers is None else tiers.tolist(),
+        "replicas": strategy.num_replicas_in_sync, "mixed_precision": cfg.train.mixed_precision,
     })
 
     with strategy.scope():

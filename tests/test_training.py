@@ -1,0 +1,153 @@
+"""End-to-end training: run folder contents, metrics against scikit-learn, resume, mirrored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from tests.conftest import REPO, jpeg_bytes, photo, run_cli
+
+
+def config(root, tmp_path, **train):
+    cfg = {
+        "seed": 1,
+        "data": {"source": "csv", "root": str(root), "csv": "digits.csv", "group_column": "group",
+                 "image_size": 32, "split": {"method": "stratified", "val_fraction": 0.25}},
+        "model": {"backbone": "small_cnn", "weights": None, "head": {"type": "mlp", "hidden": [32]}},
+        "augment": {"mix": {"mixup_alpha": 0.2, "p": 0.5}},
+        "train": {"batch_size": 16, "steps_per_epoch": 4, "monitor": "val_accuracy", "tensorboard": False,
+                  "optimizer": {"name": "adamw", "lr": 0.003, "backbone_lr_mult": 0.5},
+                  "schedule": {"name": "onecycle"}, **train},
+    }
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_short_run_fills_the_run_folder_and_metrics_match_sklearn(small_digits, tmp_path):
+    from tfvision.train import main
+
+    cfg = config(small_digits, tmp_path, phases=[{"epochs": 1, "trainable": "head"},
+                                                  {"epochs": 2, "trainable": "all", "lr": 0.002}],
+                 loss={"class_weights": "sqrt_inverse", "label_smoothing": 0.1})
+    run = tmp_path / "run"
+    assert main(["--config", str(cfg), "--output-dir", str(run), "--quiet"]) == 0
+    for name in ("config.json", "run.json", "data_report.json", "history.csv", "metrics.json",
+                 "training_curves.png", "splits/train.csv", "splits/val.csv", "checkpoints/best.keras",
+                 "checkpoints/last.keras", "checkpoints/phase0.weights.h5", "checkpoints/phase1.weights.h5"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2] and "lr" in history and "val_accuracy" in history
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
+    assert json.loads((run / "data_report.json").read_text())["rejected"] == []
+
+    # Oracle: recompute the reported metrics with scikit-learn from the best checkpoint.
+    metrics = json.loads((run / "metrics.json").read_text())
+    info = json.loads((run / "run.json").read_text())
+    val = pd.read_csv(run / "splits" / "val.csv", dtype=str)
+    model = keras.saving.load_model(run / "checkpoints" / "best.keras", compile=False)
+    import tensorflow as tf
+
+    images = np.stack([
+        tf.image.resize(tf.cast(tf.io.decode_png(tf.io.read_file(p), channels=3), tf.float32), (32, 32)).numpy()
+        for p in val["path"]])
+    logits = np.asarray(model(images))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    y = np.array([info["class_names"].index(v) for v in val["label"]])
+    pred = probs.argmax(1)
+    assert metrics["val_accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-6)
+    assert metrics["val_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-6)
+    assert metrics["val_macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-6)
+    assert metrics["val_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=1e-4)
+
+
+def test_bad_files_are_reported_and_too_many_stop_the_run(small_digits, tmp_path):
+    frame = pd.read_csv(small_digits / "digits.csv")
+    (small_digits / frame["path"][0]).write_bytes(b"")  # empty
+    good = jpeg_bytes(photo(2, 32))
+    (small_digits / frame["path"][1]).write_bytes(good[: len(good) // 2])  # truncated JPEG behind .png
+    cfg = config(small_digits, tmp_path)
+    run = tmp_path / "check"
+    r = run_cli("-m", "tfvision.train", "--config", str(cfg), "--output-dir", str(run), "--check-data",
+                "--set", "data.max_bad_fraction=0.05")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((run / "data_report.json").read_text())
+    reasons = {os.path.basename(x["path"]): x["reason"] for x in report["rejected"]}
+    assert reasons == {os.path.basename(frame["path"][0]): "empty file",
+                       os.path.basename(frame["path"][1]): reasons[os.path.basename(frame["path"][1])]}
+    assert report["n_samples"] == len(frame) - 2
+    r = run_cli("-m", "tfvision.train", "--config", str(cfg), "--output-dir", str(tmp_path / "strict"),
+                "--check-data", "--set", "data.max_bad_fraction=0.001")
+    assert r.returncode == 2 and "data.max_bad_fraction" in r.stderr
+
+
+def test_killed_run_resumes_where_it_stopped(small_digits, tmp_path):
+    cfg = config(small_digits, tmp_path, epochs=4, steps_per_epoch=12)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tfvision.train", "--config", str(cfg), "--output-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    meta = run / "backup" / "phase0" / "training_metadata.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text() or "{}").get("epoch", 0) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "run finished before it could be killed"
+    assert not (run / "metrics.json").exists()
+    keras.saving.load_model(run / "checkpoints" / "last.keras", compile=False)  # never half-written
+
+    r = run_cli(*cmd[1:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "resuming" in out and "Epoch 1/4" not in out and "Epoch 4/4" in out
+    epochs = pd.read_csv(run / "history.csv")["epoch"].drop_duplicates().tolist()
+    assert epochs == [0, 1, 2, 3]
+    assert (run / "metrics.json").exists() and not (run / "backup" / "phase0").exists()
+
+
+def test_rerun_with_a_different_config_refuses_the_folder(small_digits, tmp_path):
+    from tfvision.train import main
+
+    cfg = config(small_digits, tmp_path, epochs=1)
+    run = tmp_path / "run"
+    assert main(["--config", str(cfg), "--output-dir", str(run), "--check-data"]) == 0
+    assert main(["--config", str(cfg), "--output-dir", str(run), "--check-data", "--set", "seed=5"]) == 2
+
+
+MIRRORED = """
+import sys, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfvision.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_mirrored_training_on_two_logical_cpus(small_digits, tmp_path):
+    cfg = config(small_digits, tmp_path, epochs=1, strategy="mirrored")
+    run = tmp_path / "run"
+    r = run_cli("-c", MIRRORED, "--config", str(cfg), "--output-dir", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["replicas"] == 2
+    assert json.loads((run / "metrics.json").read_text())["val_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_demo_config_reaches_090(tmp_path):
+    r = run_cli("-m", "tfvision.train", "--config", "configs/demo.json", "--output-dir", str(tmp_path / "demo"),
+                "--set", f"data.root={tmp_path / 'digits'}", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["val_accuracy"] >= 0.90
