@@ -216,3 +216,29 @@ def test_spec_from_config_uses_tiers_when_enabled():
     cfg.seed = 0
     spec = PipelineSpec.from_config(cfg)
     assert spec.image_size == (20, 30) and len(spec.tiers) == 3 and spec.batch_size == 3
+
+
+def test_masks_travel_with_their_images_through_the_pipeline(tmp_path):
+    """Segmentation-ready: a label PNG is cropped, resized and augmented with its image."""
+    rng = np.random.default_rng(0)
+    paths, masks = [], []
+    for i in range(6):
+        labels = np.kron(rng.integers(0, 3, (8, 8)), np.ones((8, 8), np.int64)).astype(np.uint8)  # 64x64
+        image = np.repeat((labels * 100 + 20)[..., None], 3, axis=-1).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"img{i}.png")
+        Image.fromarray(labels).save(tmp_path / f"mask{i}.png")
+        paths.append(str(tmp_path / f"img{i}.png"))
+        masks.append(str(tmp_path / f"mask{i}.png"))
+    s = Samples(np.array(paths), np.zeros((6, 1), np.float32), mask_paths=np.array(masks))
+    p = dataclasses.replace(OFF, crop_scale=[0.3, 1.0], hflip=0.5, affine_p=1.0, rotate=20.0, shift=0.1)
+    spec = PipelineSpec(image_size=(32, 32), channels=3, batch_size=6, tiers=[p])
+    ds = build_dataset(s, spec, training=True, format_batch=lambda b: (b["image"], b["mask"]))
+    x, m = next(iter(ds))
+    assert m.dtype == tf.int32 and m.shape == (6, 32, 32, 1)
+    assert set(np.unique(m.numpy())) <= {0, 1, 2}
+    img = x.numpy()[..., 0]
+    level = np.round((img - 20) / 100)
+    sure = np.abs(img - (level * 100 + 20)) < 3  # pixels away from blended (bilinear) edges
+    assert sure.mean() > 0.4
+    agree = (level == m.numpy()[..., 0])[sure].mean()
+    assert agree > 0.98

@@ -129,22 +129,21 @@ def decode(
     return adapt_channels(img, channels)
 
 
-def random_crop_window(
-    data: tf.Tensor, scale: tf.Tensor, ratio: tf.Tensor, seed: tf.Tensor | None = None
-) -> tf.Tensor:
-    """Random-resized-crop window [y, x, h, w] (area in `scale`, aspect in `ratio`)."""
-    hw = image_shape(data)
-    shape = tf.concat([hw, [1]], 0)
-    box = tf.zeros([0, 0, 4], tf.float32)
-    kwargs = dict(
-        bounding_boxes=box, min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
-        max_attempts=10, use_image_if_no_bounding_boxes=True,
+def decode_mask(data: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
+    """Decode an integer label image (8- or 16-bit PNG) to int32 [h, w, 1], unscaled.
+
+    Unlike `decode`, values are labels, not intensities: a 16-bit label 300 stays 300.
+    """
+    depth = tf.io.decode_raw(tf.strings.substr(data, 24, 1), tf.uint8)[0]
+    labels = tf.cond(
+        tf.equal(depth, 16),
+        lambda: tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16), tf.int32),
+        lambda: tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint8), tf.int32),
     )
-    if seed is None:
-        begin, size, _ = tf.image.sample_distorted_bounding_box(shape, **kwargs)
-    else:
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(shape, seed=seed, **kwargs)
-    return tf.stack([begin[0], begin[1], size[0], size[1]])
+    if window is not None:
+        window = tf.cast(window, tf.int32)
+        labels = labels[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+    return labels
 
 
 def describe_error(exc: Exception) -> str:

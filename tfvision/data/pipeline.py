@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfvision.config import AugmentParams, Config
 from tfvision.data import augment as aug
-from tfvision.data.decode import decode, image_shape
+from tfvision.data.decode import decode, decode_mask, image_shape
 from tfvision.data.mix import mix_batch
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -39,6 +39,7 @@ class Samples:
     tiers: np.ndarray | None = None  # [N] int32 augmentation tier
     known: np.ndarray | None = None  # [N, K] float32, 1 where the label is known
     weights: np.ndarray | None = None  # [N] float32 sample weights
+    mask_paths: np.ndarray | None = None  # [N] str, integer label images (segmentation)
 
     def __len__(self):
         return len(self.paths)
@@ -96,10 +97,9 @@ def _element_seeds(seed: int) -> tf.data.Dataset:
 
 
 def build_dataset(
-    samples: Samples, spec: PipelineSpec, *, training: bool, repeat: bool = False,
-    format_batch=None, read=tf.io.read_file,
+    samples: Samples, spec: PipelineSpec, *, training: bool, repeat: bool = False, format_batch=None,
 ) -> tf.data.Dataset:
-    """Batched dataset of model-ready elements.
+    """Batched dataset of model-ready elements from loose files.
 
     Args:
         samples: paths and targets (see `Samples`).
@@ -107,38 +107,64 @@ def build_dataset(
         training: shuffle, augment, mix and drop the last partial batch.
         repeat: repeat forever (with `steps_per_epoch`).
         format_batch: task hook turning the batch dict into `(x, y[, w])`;
-            default `(image, target)`.
-        read: path -> bytes; swapped for TFRecord readers.
+            default `(image, target[, weight])`.
     """
     n = len(samples)
-    table = aug.param_table(spec.tiers)
-    tiers = samples.tiers if samples.tiers is not None else np.zeros(n, np.int32)
     columns = {"path": samples.paths.astype(str), "target": samples.targets.astype(np.float32),
-               "tier": tiers.astype(np.int32)}
+               "tier": (samples.tiers if samples.tiers is not None else np.zeros(n)).astype(np.int32)}
     if samples.known is not None:
         columns["known"] = samples.known.astype(np.float32)
     if samples.weights is not None:
         columns["weight"] = samples.weights.astype(np.float32)
+    if samples.mask_paths is not None:
+        columns["mask_path"] = samples.mask_paths.astype(str)
     ds = tf.data.Dataset.from_tensor_slices(columns)
+    if training and spec.cache:  # cache the file bytes; decoding stays per epoch (random crops)
+        ds = ds.map(_read_files, num_parallel_calls=AUTOTUNE).cache()
+    return from_elements(ds, spec, training=training, repeat=repeat, format_batch=format_batch,
+                         size_hint=n)
+
+
+def _read_files(s: dict) -> dict:
+    out = {k: v for k, v in s.items() if k not in ("path", "mask_path")}
+    out["bytes"] = tf.io.read_file(s["path"])
+    if "mask_path" in s:
+        out["mask_bytes"] = tf.io.read_file(s["mask_path"])
+    return out
+
+
+def from_elements(
+    ds: tf.data.Dataset, spec: PipelineSpec, *, training: bool, repeat: bool = False, format_batch=None,
+    size_hint: int | None = None,
+    shard_policy=tf.data.experimental.AutoShardPolicy.DATA,
+) -> tf.data.Dataset:
+    """The shared tail of every source: per-element dicts -> model-ready batches.
+
+    Elements hold ``path`` or ``bytes`` (encoded image), ``target``, ``tier``,
+    and optionally ``known``, ``weight``, and ``mask_path``/``mask_bytes`` (an
+    integer label PNG, cropped and resized with the image, nearest-neighbour).
+    Loose files and TFRecord shards both end here, so they get the same
+    decode and augmentation graph.
+    """
+    table = aug.param_table(spec.tiers)
     do_aug = training and spec.augment
     size = spec.image_size
 
-    def with_bytes(s):
-        return {**s, "bytes": read(s["path"])}
-
     def load(s, seed):
+        if "bytes" not in s:
+            s = _read_files(s)
         params = tf.gather(table, s["tier"])
-        data = s["bytes"] if "bytes" in s else read(s["path"])
-        window = crop_window(data, params, seed) if do_aug and spec.albumentations is None else None
-        image = decode(data, spec.channels, window, target=size)
-        image = tf.image.resize(image, size)
-        out = {k: v for k, v in s.items() if k not in ("bytes", "path")}
-        return {**out, "image": image, "params": params}
+        window = crop_window(s["bytes"], params, seed) if do_aug and spec.albumentations is None else None
+        image = tf.image.resize(decode(s["bytes"], spec.channels, window, target=size), size)
+        out = {k: v for k, v in s.items() if k not in ("bytes", "mask_bytes")}
+        out.update(image=image, params=params)
+        if "mask_bytes" in s:
+            out["mask"] = tf.image.resize(decode_mask(s["mask_bytes"], window), size, method="nearest")
+        return out
 
     if training:
-        if spec.cache:
-            ds = ds.map(with_bytes, num_parallel_calls=AUTOTUNE).cache()
-        ds = ds.shuffle(min(n, spec.shuffle_buffer), seed=spec.seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(min(size_hint or spec.shuffle_buffer, spec.shuffle_buffer), seed=spec.seed,
+                        reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
         ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed))
@@ -155,8 +181,9 @@ def build_dataset(
     ds = ds.ignore_errors(log_warning=True)
     if do_aug and spec.albumentations is not None:
         ds = ds.map(aug.albumentations_fn(spec.albumentations), num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(spec.batch_size, drop_remainder=training and n >= spec.batch_size,
-                  num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic or not training)
+    drop = training and (size_hint is None or size_hint >= spec.batch_size)
+    ds = ds.batch(spec.batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
+                  deterministic=spec.deterministic or not training)
     if training:
         ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed + 1))
         ds = ds.map(lambda b, s: {**b, "seed": s}, num_parallel_calls=AUTOTUNE)
@@ -168,7 +195,7 @@ def build_dataset(
     ds = ds.map(format_batch or default_format, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = spec.deterministic or not training
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.experimental_distribute.auto_shard_policy = shard_policy
     return ds.with_options(options).prefetch(AUTOTUNE)
 
 
