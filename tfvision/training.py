@@ -17,11 +17,10 @@ import tensorflow as tf
 from tfvision import __version__
 from tfvision.callbacks import AtomicCheckpoint, LearningRateLogger, monitor_mode, save_weights
 from tfvision.config import Config
-from tfvision.data.check import check_files
-from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, channel_stats, steps_for
-from tfvision.errors import ConfigError, DataError
-from tfvision.fileio import read_json, write_json
-from tfvision.losses import class_weights
+from tfvision.data.inputs import FileInputs, check_data
+from tfvision.data.pipeline import PipelineSpec, steps_for
+from tfvision.errors import ConfigError
+from tfvision.fileio import write_json
 from tfvision.models.backbones import get_spec, set_trainable
 from tfvision.models.heads import input_norm
 from tfvision.optimizers import build_optimizer
@@ -30,57 +29,6 @@ from tfvision.schedules import build_schedule
 from tfvision.tasks import get_task
 
 log = logging.getLogger("tfvision.train")
-
-
-# --------------------------------------------------------------------------- data
-
-
-def check_data(cfg: Config, run_dir: Path, frame: pd.DataFrame, missing: list[dict], resuming: bool):
-    """Decode every file once; drop and report the bad ones; stop if too many."""
-    report_path = run_dir / "data_report.json"
-    if resuming and report_path.exists():
-        rejected = read_json(report_path)["rejected"]
-    else:
-        rejected = list(missing)
-        if cfg.data.check_files:
-            rejected += check_files(frame["path"].tolist(), cfg.data.channels)
-    bad = {r["path"] for r in rejected}
-    total = len(frame) + len(missing)
-    fraction = len(rejected) / max(total, 1)
-    kept = frame[~frame["path"].isin(bad)].reset_index(drop=True)
-    counts = {s: kept[kept["split"] == s]["label"].value_counts().sort_index().to_dict()
-              for s in ("train", "val", "test") if (kept["split"] == s).any()}
-    report = {
-        "n_samples": int(len(kept)), "n_rejected": len(rejected), "rejected_fraction": fraction,
-        "class_counts": counts, "rejected": rejected,
-    }
-    write_json(report_path, report)
-    for r in rejected[:20]:
-        log.warning("skipped %s: %s", r["path"], r["reason"])
-    if len(rejected) > 20:
-        log.warning("... and %d more, see %s", len(rejected) - 20, report_path)
-    if fraction > cfg.data.max_bad_fraction:
-        raise DataError(
-            f"{len(rejected)} of {total} images ({fraction:.1%}) are unreadable, above "
-            f"data.max_bad_fraction={cfg.data.max_bad_fraction}; see {report_path}"
-        )
-    return kept, report
-
-
-def samples_for(task, frame, class_names, cfg, class_tier=None, weights=None) -> Samples:
-    targets, known = task.targets(frame, class_names)
-    tiers = task.tiers(targets, class_tier) if class_tier is not None else None
-    sample_w = (targets * weights).sum(axis=1).astype(np.float32) if weights is not None else None
-    return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=sample_w)
-
-
-def class_tiers(counts: np.ndarray, cfg: Config) -> np.ndarray | None:
-    """Tier per class: 0 light, 1 medium, 2 heavy (rows of the augmentation table)."""
-    t = cfg.augment.tiers
-    if not t.enabled:
-        return None
-    heavy_below, medium_below = t.thresholds
-    return np.where(counts < heavy_below, 2, np.where(counts < medium_below, 1, 0)).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- runtime
@@ -133,26 +81,17 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         return 0
 
     strategy = setup_runtime(cfg)
-    class_names = task.class_names(frame, cfg)
-    train_f, val_f = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
-    if train_f.empty or val_f.empty:
-        raise DataError("after removing unreadable files the train or val split is empty")
-    train_targets, _ = task.targets(train_f, class_names)
-    counts = task.class_counts(train_targets)
-    weights = class_weights(counts, cfg.train.loss.class_weights)
-    tiers = class_tiers(counts, cfg)
-    train_s = samples_for(task, train_f, class_names, cfg, tiers, weights)
-    val_s = samples_for(task, val_f, class_names, cfg)
-
+    inputs = FileInputs(cfg, task, frame)
+    class_names = inputs.class_names
     spec = PipelineSpec.from_config(cfg)
-    stats = channel_stats(train_s, spec) if cfg.data.normalization == "dataset" else None
+    stats = inputs.channel_stats(spec) if cfg.data.normalization == "dataset" else None
     norm = input_norm(cfg.model.backbone, cfg.data.normalization, cfg.data.channels, stats)
     write_json(run_dir / "run.json", {
         "tfvision_version": __version__, "task": cfg.task, "activation": task.activation,
         "class_names": class_names, "image_size": list(cfg.data.size), "channels": cfg.data.channels,
         "normalization": {"mean": list(norm.mean), "std": list(norm.std), "bgr": norm.bgr},
-        "class_weights": None if weights is None else weights.tolist(),
-        "class_tiers": None if tiers is None else tiers.tolist(),
+        "class_weights": None if inputs.weights is None else inputs.weights.tolist(),
+        "class_tiers": None if inputs.tiers is None else inputs.tiers.tolist(),
         "replicas": strategy.num_replicas_in_sync, "mixed_precision": cfg.train.mixed_precision,
     })
 
@@ -176,9 +115,9 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         pspec = PipelineSpec.from_config(cfg, image_size=size)
         # Always repeat and give steps_per_epoch: the dataset's cardinality is unknown
         # (ignore_errors), and Keras would otherwise find each epoch's end by running dry.
-        train_ds = build_dataset(train_s, pspec, training=True, repeat=True, format_batch=task.format_batch)
-        val_ds = build_dataset(val_s, pspec, training=False, format_batch=task.format_batch)
-        steps = cfg.train.steps_per_epoch or steps_for(len(train_s), pspec.batch_size, True)
+        train_ds = inputs.dataset("train", pspec, training=True, repeat=True, format_batch=task.format_batch)
+        val_ds = inputs.dataset("val", pspec, training=False, format_batch=task.format_batch)
+        steps = cfg.train.steps_per_epoch or steps_for(inputs.sizes["train"], pspec.batch_size, True)
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
         with strategy.scope():
             set_trainable(backbone, pattern, phase.trainable, phase.n_blocks)
@@ -201,7 +140,7 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         mark_phase_done(run_dir, i + 1)
         start_epoch = end_epoch
 
-    finish(cfg, run_dir, task, model, val_s, class_names)
+    finish(cfg, run_dir, task, model, inputs)
     return 0
 
 
@@ -215,7 +154,7 @@ def predict_logits(model: keras.Model, dataset) -> np.ndarray:
     return np.concatenate([step(batch[0]).numpy() for batch in dataset], axis=0)
 
 
-def finish(cfg, run_dir: Path, task, model, val_s: Samples, class_names):
+def finish(cfg, run_dir: Path, task, model, inputs):
     """Evaluate the best checkpoint on validation; write metrics.json and the curves."""
     from tfvision import plots
 
@@ -224,10 +163,10 @@ def finish(cfg, run_dir: Path, task, model, val_s: Samples, class_names):
         # compile=False: inference only; safe_mode stays on (only registered tfvision layers).
         model = keras.saving.load_model(best, compile=False)
     spec = PipelineSpec.from_config(cfg)
-    logits = predict_logits(model, build_dataset(val_s, spec, training=False))
-    summary = task.summarize(val_s.targets, logits, class_names)
+    logits = predict_logits(model, inputs.dataset("val", spec, training=False))
+    summary = task.summarize(inputs.targets("val"), logits, inputs.class_names)
     metrics = {f"val_{k}": v for k, v in summary.items()}
-    metrics["n_val"] = len(val_s)
+    metrics["n_val"] = int(len(logits))
     metrics["checkpoint"] = str(best.relative_to(run_dir)) if best.exists() else None
     write_json(run_dir / "metrics.json", metrics)
     history = pd.read_csv(run_dir / "history.csv")

@@ -1,0 +1,118 @@
+"""What the trainer needs from the data, whatever stores it.
+
+`Inputs` hides where samples live (loose files now; TFRecord shards plug in
+beside `FileInputs`) behind one small interface: class names and counts, and
+a `dataset(split, ...)` built by the shared pipeline tail.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tfvision.config import Config
+from tfvision.data.check import check_files
+from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, channel_stats
+from tfvision.errors import DataError
+from tfvision.fileio import read_json, write_json
+from tfvision.losses import class_weights
+
+log = logging.getLogger("tfvision.data")
+
+
+def class_tiers(counts: np.ndarray, cfg: Config) -> np.ndarray | None:
+    """Tier per class: 0 light, 1 medium, 2 heavy (rows of the augmentation table)."""
+    t = cfg.augment.tiers
+    if not t.enabled:
+        return None
+    heavy_below, medium_below = t.thresholds
+    return np.where(counts < heavy_below, 2, np.where(counts < medium_below, 1, 0)).astype(np.int32)
+
+
+class Inputs:
+    """Interface: class_names, counts (training), weights, tiers, sizes, dataset(), targets()."""
+
+    class_names: list[str]
+    counts: np.ndarray
+    weights: np.ndarray | None
+    tiers: np.ndarray | None
+    sizes: dict[str, int]
+
+    def dataset(self, split: str, spec: PipelineSpec, *, training: bool, repeat: bool = False,
+                format_batch=None):
+        raise NotImplementedError
+
+    def targets(self, split: str) -> np.ndarray:
+        """Targets of `split` in the order `dataset(split, training=False)` yields them."""
+        raise NotImplementedError
+
+    def channel_stats(self, spec: PipelineSpec):
+        raise NotImplementedError
+
+
+class FileInputs(Inputs):
+    """Loose image files listed in a sample table (every source but tfrecord)."""
+
+    def __init__(self, cfg: Config, task, frame: pd.DataFrame):
+        self.task = task
+        self.class_names = task.class_names(frame, cfg)
+        self.frames = {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+        if self.frames["train"].empty or self.frames["val"].empty:
+            raise DataError("after removing unreadable files the train or val split is empty")
+        train_targets, _ = task.targets(self.frames["train"], self.class_names)
+        self.counts = task.class_counts(train_targets)
+        self.weights = class_weights(self.counts, cfg.train.loss.class_weights)
+        self.tiers = class_tiers(self.counts, cfg)
+        self.sizes = {s: len(f) for s, f in self.frames.items()}
+        self._samples = {s: self._make(f, train=s == "train") for s, f in self.frames.items() if len(f)}
+
+    def _make(self, frame, train: bool) -> Samples:
+        targets, known = self.task.targets(frame, self.class_names)
+        tiers = self.task.tiers(targets, self.tiers) if train and self.tiers is not None else None
+        weights = (targets * self.weights).sum(1).astype(np.float32) if train and self.weights is not None else None
+        return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=weights)
+
+    def dataset(self, split, spec, *, training, repeat=False, format_batch=None):
+        return build_dataset(self._samples[split], spec, training=training, repeat=repeat,
+                             format_batch=format_batch)
+
+    def targets(self, split):
+        return self._samples[split].targets
+
+    def channel_stats(self, spec):
+        return channel_stats(self._samples["train"], spec)
+
+
+def check_data(cfg: Config, run_dir: Path, frame: pd.DataFrame, missing: list[dict], resuming: bool):
+    """Decode every file once; drop and report the bad ones; stop if too many."""
+    report_path = run_dir / "data_report.json"
+    if resuming and report_path.exists():
+        rejected = read_json(report_path)["rejected"]
+    else:
+        rejected = list(missing)
+        if cfg.data.check_files:
+            rejected += check_files(frame["path"].tolist(), cfg.data.channels)
+    bad = {r["path"] for r in rejected}
+    total = len(frame) + len(missing)
+    fraction = len(rejected) / max(total, 1)
+    kept = frame[~frame["path"].isin(bad)].reset_index(drop=True)
+    counts = {s: kept[kept["split"] == s]["label"].value_counts().sort_index().to_dict()
+              for s in ("train", "val", "test") if (kept["split"] == s).any()}
+    report = {
+        "n_samples": int(len(kept)), "n_rejected": len(rejected), "rejected_fraction": fraction,
+        "class_counts": counts, "rejected": rejected,
+    }
+    write_json(report_path, report)
+    for r in rejected[:20]:
+        log.warning("skipped %s: %s", r["path"], r["reason"])
+    if len(rejected) > 20:
+        log.warning("... and %d more, see %s", len(rejected) - 20, report_path)
+    if fraction > cfg.data.max_bad_fraction:
+        raise DataError(
+            f"{len(rejected)} of {total} images ({fraction:.1%}) are unreadable, above "
+            f"data.max_bad_fraction={cfg.data.max_bad_fraction}; see {report_path}"
+        )
+    return kept, report
