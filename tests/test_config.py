@@ -103,7 +103,7 @@ def test_not_implemented_task_is_reported(tmp_path, base):
 def test_json_schema_describes_the_config():
     schema = json_schema()
     data = schema["properties"]["data"]
-    assert data["properties"]["source"]["enum"] == ["ham10000", "csv", "folders", "tfrecord"]
+    assert data["properties"]["source"]["enum"] == ["ham10000", "csv", "folders", "tfrecord", "chexpert"]
     assert "source" in data["required"] and data["additionalProperties"] is False
     assert schema["properties"]["train"]["properties"]["batch_size"] == {
         "type": "integer", "minimum": 1, "default": 32}

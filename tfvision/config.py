@@ -24,7 +24,7 @@ from typing import Any, Literal
 from tfvision.errors import ConfigError
 
 TASKS = ("classification", "multilabel", "segmentation", "instance_segmentation")
-IMPLEMENTED_TASKS = ("classification",)
+IMPLEMENTED_TASKS = ("classification", "multilabel")
 
 
 def opt(default=dataclasses.MISSING, *, help="", factory=None, **constraints):
@@ -49,9 +49,37 @@ class SplitConfig:
     fold: int | None = opt(None, min=0, help="if set, validate on this fold of a stratified (group) K-fold")
 
 
+POLICIES = ("ignore", "ones", "zeros", "smooth")
+
+
+@dataclass(kw_only=True)
+class LabelPolicy:
+    """How one kind of multi-label entry (uncertain -1, or blank) becomes a target."""
+
+    default: Literal["ignore", "ones", "zeros", "smooth"] = opt(
+        "ignore", help="ignore: masked out; ones/zeros: that value; smooth: smooth_value"
+    )
+    per_class: dict = opt(factory=dict, help='overrides, e.g. {"Atelectasis": "ones"}')
+    smooth_value: float = opt(0.7, min=0.0, max=1.0, help="target for the smooth policy (0.55-0.85 typical)")
+
+    def for_class(self, name: str) -> str:
+        return self.per_class.get(name, self.default)
+
+
+@dataclass(kw_only=True)
+class OversampleConfig:
+    """Rare-positive oversampling (multi-label): sampling weights, no file duplication."""
+
+    enabled: bool = opt(False)
+    rare_below: float = opt(0.1, min=0.0, max=1.0, help="classes whose positive rate is below this are rare")
+    target_rate: float = opt(0.2, min=0.0, max=0.95, help="raise each rare class's positive rate towards this")
+    max_factor: float = opt(20.0, min=1.0, help="cap on a positive's sampling weight")
+    factors: dict = opt(factory=dict, help='explicit per-class weights, e.g. {"Fracture": 5}')
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["ham10000", "csv", "folders", "tfrecord"] = opt(help="where samples come from")
+    source: Literal["ham10000", "csv", "folders", "tfrecord", "chexpert"] = opt(help="where samples come from")
     root: str = opt(help="dataset folder; image paths in CSVs resolve against it", exists="dir")
     csv: str | None = opt(None, help="CSV file, relative to root", exists="file")
     val_csv: str | None = opt(None, help="second CSV whose rows are the validation set", exists="file")
@@ -61,6 +89,12 @@ class DataConfig:
         None, help="Python format string over row columns, e.g. image_{imageid}_product_{productid}.jpg"
     )
     label_column: str = opt("label", help="CSV column with the class")
+    label_columns: list[str] = opt(factory=list, help="multilabel: CSV columns with 1/0/-1/blank per class")
+    views: Literal["all", "frontal", "ap_pa"] = opt("all", help="chexpert: keep all, frontal, or AP/PA views")
+    uncertain: LabelPolicy = opt(factory=LabelPolicy, help="multilabel: what -1 (uncertain) becomes")
+    blank: LabelPolicy = opt(factory=lambda: LabelPolicy(default="zeros"), help="multilabel: what blank becomes")
+    oversample: OversampleConfig = opt(factory=OversampleConfig)
+    clahe: float | None = opt(None, min=0.0, help="CLAHE clip limit (e.g. 2.0) applied inside the model; null off")
     group_column: str | None = opt(None, help="CSV column with the patient/lesion id for grouped splits")
     image_dirs: list[str] = opt(factory=list, help="folders (relative to root) searched for images")
     image_size: int | list[int] = opt(224, min=8, help="training size, N or [H, W]")
@@ -197,6 +231,9 @@ class LossConfig:
     label_smoothing: float = opt(0.0, min=0.0, max=0.5)
     class_weights: Literal["none", "inverse", "normalized", "sqrt_inverse"] = opt("none")
     focal_gamma: float = opt(2.0, min=0.0)
+    alpha: Literal["none", "neg_pos"] | float = opt(
+        "none", help="multilabel per-class positive weight: neg/pos from training counts, or one value"
+    )
 
 
 @dataclass(kw_only=True)
@@ -376,7 +413,7 @@ def _check_paths(cfg: Config) -> None:
         raise ConfigError(f"data.root: folder {str(root)!r} does not exist")
     for key in ("csv", "val_csv"):
         value = getattr(data, key)
-        if value is not None and data.prepare is None:
+        if value is not None and data.prepare is None and data.source != "tfrecord":
             p = root / value
             if not p.is_file():
                 raise ConfigError(f"data.{key}: file {str(p)!r} does not exist")
@@ -395,13 +432,28 @@ def _check_semantics(cfg: Config) -> None:
     if cfg.task not in IMPLEMENTED_TASKS:
         raise ConfigError(f"task: {cfg.task!r} is planned but not implemented yet (available: {list(IMPLEMENTED_TASKS)})")
     d = cfg.data
+    if d.source == "chexpert" and cfg.task != "multilabel":
+        raise ConfigError("data.source: 'chexpert' needs task 'multilabel'")
+    if cfg.task == "multilabel" and d.source not in ("chexpert", "csv", "tfrecord"):
+        raise ConfigError(f"data.source: task 'multilabel' reads 'chexpert' or 'csv' (with data.label_columns), not {d.source!r}")
+    if cfg.task == "multilabel" and d.source == "csv" and not d.label_columns:
+        raise ConfigError("data.label_columns: required for a multilabel CSV")
+    for key in ("uncertain", "blank"):
+        for cls, pol in getattr(d, key).per_class.items():
+            if pol not in POLICIES:
+                close = difflib.get_close_matches(str(pol), POLICIES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"data.{key}.per_class.{cls}: {pol!r} is not one of {list(POLICIES)}{hint}")
+    for cls, f in d.oversample.factors.items():
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
+            raise ConfigError(f"data.oversample.factors.{cls}: expected a positive number, got {json.dumps(f)}")
     if d.source == "csv" and d.csv is None:
         raise ConfigError("data.csv: required when data.source is 'csv'")
     if isinstance(d.image_size, list) and len(d.image_size) != 2:
         raise ConfigError(f"data.image_size: expected N or [H, W], got {d.image_size}")
     if d.val_csv and d.split_column:
         raise ConfigError("data.val_csv: give either val_csv or split_column, not both")
-    if d.split.method == "grouped" and not d.group_column and d.source != "ham10000":
+    if d.split.method == "grouped" and not d.group_column and d.source not in ("ham10000", "chexpert"):
         raise ConfigError("data.split.method: 'grouped' needs data.group_column")
     if d.split.fold is not None and d.split.fold >= d.split.n_folds:
         raise ConfigError(f"data.split.fold: {d.split.fold} must be below n_folds={d.split.n_folds}")

@@ -49,3 +49,70 @@ def classification_loss(cfg: LossConfig) -> keras.losses.Loss:
             gamma=cfg.focal_gamma, from_logits=True, label_smoothing=cfg.label_smoothing
         )
     return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+
+
+def split_packed(y_true, num_classes: int):
+    """Multi-label targets travel as ``concat([target, known], -1)`` so the mask reaches the loss."""
+    return y_true[..., :num_classes], y_true[..., num_classes:]
+
+
+@keras.saving.register_keras_serializable(package="tfvision")
+class MaskedBinaryLoss(keras.losses.Loss):
+    """Sigmoid cross-entropy or binary focal loss over known labels only.
+
+    ``y_true`` is ``concat([target, known])``. Unknown entries (known == 0)
+    contribute exactly zero loss and zero gradient; a sample's loss is the
+    mean over its known entries. With ``alpha`` (per class), positives are
+    weighted by it, as the CheXpert seed does with neg/pos.
+
+    >>> loss = MaskedBinaryLoss(num_classes=2, gamma=2.0)
+    >>> float(loss(np.array([[1., 0., 1., 0.]]), np.array([[3., -50.]])))  # 2nd label unknown
+    0.0001...
+
+    Args:
+        num_classes: K; ``y_true`` has 2K columns.
+        gamma: focal exponent; 0 gives plain binary cross-entropy.
+        alpha: None, or K positive-class weights.
+        label_smoothing: targets move towards 0.5 by this amount.
+    """
+
+    def __init__(self, num_classes, gamma=0.0, alpha=None, label_smoothing=0.0, name="masked_binary", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        self.gamma = float(gamma)
+        self.alpha = None if alpha is None else [float(a) for a in alpha]
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        y_true = ops.cast(y_true, "float32")
+        logits = ops.cast(y_pred, "float32")
+        target, known = split_packed(y_true, self.num_classes)
+        if self.label_smoothing:
+            target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        # log(1 + exp(-|x|)) form: stable for large logits.
+        bce = ops.maximum(logits, 0.0) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
+        if self.gamma:
+            p = ops.sigmoid(logits)
+            p_t = target * p + (1.0 - target) * (1.0 - p)
+            bce = bce * ops.power(1.0 - p_t, self.gamma)
+        if self.alpha is not None:
+            a = ops.convert_to_tensor(self.alpha, "float32")
+            bce = bce * (target * a + (1.0 - target))
+        bce = ops.where(known > 0, bce, 0.0)
+        return ops.sum(bce, axis=-1) / ops.maximum(ops.sum(known, axis=-1), 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "gamma": self.gamma,
+                "alpha": self.alpha, "label_smoothing": self.label_smoothing}
+
+
+def multilabel_loss(cfg: LossConfig, num_classes: int, positives=None, negatives=None) -> MaskedBinaryLoss:
+    """Masked BCE (``crossentropy``) or masked focal loss, with alpha neg/pos or fixed."""
+    alpha = None
+    if cfg.alpha == "neg_pos":
+        alpha = (np.asarray(negatives, np.float64) / np.maximum(np.asarray(positives, np.float64), 1.0)).tolist()
+    elif isinstance(cfg.alpha, float):
+        alpha = [cfg.alpha] * num_classes
+    gamma = cfg.focal_gamma if cfg.name == "focal" else 0.0
+    return MaskedBinaryLoss(num_classes, gamma=gamma, alpha=alpha, label_smoothing=cfg.label_smoothing)

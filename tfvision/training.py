@@ -73,7 +73,7 @@ def _callbacks(cfg: Config, run_dir: Path, phase: int):
 
 
 def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2) -> int:
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, cfg)
     frame, report = check_data(cfg, run_dir, frame, missing, resuming)
     if check_only:
         log.info("checked %d images, %d rejected; report in %s",
@@ -93,6 +93,7 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         "class_weights": None if inputs.weights is None else inputs.weights.tolist(),
         "class_tiers": None if inputs.tiers is None else inputs.tiers.tolist(),
         "replicas": strategy.num_replicas_in_sync, "mixed_precision": cfg.train.mixed_precision,
+        "oversampling": inputs.oversampling,
     })
 
     with strategy.scope():
@@ -124,8 +125,8 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
             schedule = build_schedule(cfg.train.schedule, lr, steps * phase.epochs, steps)
             mult = cfg.train.optimizer.backbone_lr_mult if phase.trainable != "head" else 1.0
             optimizer = build_optimizer(cfg.train.optimizer, schedule, backbone.trainable_variables, mult)
-            model.compile(optimizer=optimizer, loss=task.loss(cfg), metrics=task.metrics(len(class_names)),
-                          jit_compile=False)
+            model.compile(optimizer=optimizer, loss=task.loss(cfg, inputs),
+                          metrics=task.metrics(len(class_names), class_names), jit_compile=False)
         log.info("phase %d/%d: epochs %d-%d, trainable=%s, lr=%g, size=%s, %d trainable weights",
                  i + 1, len(phases), start_epoch + 1, end_epoch, phase.trainable, lr, size,
                  len(model.trainable_weights))

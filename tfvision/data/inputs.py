@@ -16,6 +16,7 @@ import pandas as pd
 from tfvision.config import Config
 from tfvision.data.check import check_files
 from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, channel_stats
+from tfvision.data.sampling import positive_factors, positive_rates, sample_weights
 from tfvision.errors import DataError
 from tfvision.fileio import read_json, write_json
 from tfvision.losses import class_weights
@@ -36,7 +37,9 @@ class Inputs:
     """Interface: class_names, counts (training), weights, tiers, sizes, dataset(), targets()."""
 
     class_names: list[str]
-    counts: np.ndarray
+    counts: np.ndarray  # training positives per class
+    known_counts: np.ndarray  # training samples with a known label, per class
+    oversampling: dict | None = None  # per class: factor, positive rate before/after
     weights: np.ndarray | None
     tiers: np.ndarray | None
     sizes: dict[str, int]
@@ -62,12 +65,15 @@ class FileInputs(Inputs):
         self.frames = {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
         if self.frames["train"].empty or self.frames["val"].empty:
             raise DataError("after removing unreadable files the train or val split is empty")
-        train_targets, _ = task.targets(self.frames["train"], self.class_names)
-        self.counts = task.class_counts(train_targets)
+        targets, known = task.targets(self.frames["train"], self.class_names)
+        self.counts = task.class_counts(targets, known)
+        self.known_counts = (known > 0).sum(0) if known is not None else np.full(len(self.counts), len(targets))
         self.weights = class_weights(self.counts, cfg.train.loss.class_weights)
         self.tiers = class_tiers(self.counts, cfg)
         self.sizes = {s: len(f) for s, f in self.frames.items()}
         self._samples = {s: self._make(f, train=s == "train") for s, f in self.frames.items() if len(f)}
+        if cfg.data.oversample.enabled:
+            self._oversample(cfg)
 
     def _make(self, frame, train: bool) -> Samples:
         targets, known = self.task.targets(frame, self.class_names)
@@ -75,12 +81,25 @@ class FileInputs(Inputs):
         weights = (targets * self.weights).sum(1).astype(np.float32) if train and self.weights is not None else None
         return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=weights)
 
+    def _oversample(self, cfg: Config):
+        s = self._samples["train"]
+        known = s.known if s.known is not None else np.ones_like(s.targets)
+        factors = positive_factors(s.targets, known, cfg.data.oversample, self.class_names)
+        s.sampling = sample_weights(s.targets, known, factors)
+        before, after = positive_rates(s.targets, known), positive_rates(s.targets, known, s.sampling)
+        self.oversampling = {c: {"factor": float(f), "positive_rate_before": float(b), "positive_rate_after": float(a)}
+                             for c, f, b, a in zip(self.class_names, factors, before, after, strict=True)}
+        for c, v in self.oversampling.items():
+            if v["factor"] != 1.0:
+                log.info("oversampling %s x%.2f: positive rate %.3f -> %.3f", c, v["factor"],
+                         v["positive_rate_before"], v["positive_rate_after"])
+
     def dataset(self, split, spec, *, training, repeat=False, format_batch=None):
         return build_dataset(self._samples[split], spec, training=training, repeat=repeat,
                              format_batch=format_batch)
 
     def targets(self, split):
-        return self._samples[split].targets
+        return self.task.eval_targets(self.frames[split], self.class_names)
 
     def channel_stats(self, spec):
         return channel_stats(self._samples["train"], spec)
@@ -99,8 +118,13 @@ def check_data(cfg: Config, run_dir: Path, frame: pd.DataFrame, missing: list[di
     total = len(frame) + len(missing)
     fraction = len(rejected) / max(total, 1)
     kept = frame[~frame["path"].isin(bad)].reset_index(drop=True)
-    counts = {s: kept[kept["split"] == s]["label"].value_counts().sort_index().to_dict()
-              for s in ("train", "val", "test") if (kept["split"] == s).any()}
+    ycols = [c for c in kept.columns if c.startswith("y:")]
+    if ycols:  # multi-label: positives per class (uncertain and blank not counted)
+        counts = {s: {c[2:]: int((part[c] == "1").sum()) for c in ycols}
+                  for s, part in kept.groupby("split")}
+    else:
+        counts = {s: kept[kept["split"] == s]["label"].value_counts().sort_index().to_dict()
+                  for s in ("train", "val", "test") if (kept["split"] == s).any()}
     report = {
         "n_samples": int(len(kept)), "n_rejected": len(rejected), "rejected_fraction": fraction,
         "class_counts": counts, "rejected": rejected,

@@ -26,6 +26,7 @@ from tfvision.config import AugmentParams, Config
 from tfvision.data import augment as aug
 from tfvision.data.decode import decode, decode_mask, image_shape
 from tfvision.data.mix import mix_batch
+from tfvision.data.sampling import weighted_dataset
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -40,6 +41,7 @@ class Samples:
     known: np.ndarray | None = None  # [N, K] float32, 1 where the label is known
     weights: np.ndarray | None = None  # [N] float32 sample weights
     mask_paths: np.ndarray | None = None  # [N] str, integer label images (segmentation)
+    sampling: np.ndarray | None = None  # [N] relative sampling weights (oversampling, training only)
 
     def __len__(self):
         return len(self.paths)
@@ -118,8 +120,11 @@ def build_dataset(
         columns["weight"] = samples.weights.astype(np.float32)
     if samples.mask_paths is not None:
         columns["mask_path"] = samples.mask_paths.astype(str)
-    ds = tf.data.Dataset.from_tensor_slices(columns)
-    if training and spec.cache:  # cache the file bytes; decoding stays per epoch (random crops)
+    if training and samples.sampling is not None:
+        ds = weighted_dataset(columns, samples.sampling, spec.seed)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(columns)
+    if training and spec.cache and samples.sampling is None:  # cache the file bytes; decoding stays per epoch (random crops)
         ds = ds.map(_read_files, num_parallel_calls=AUTOTUNE).cache()
     return from_elements(ds, spec, training=training, repeat=repeat, format_batch=format_batch,
                          size_hint=n)

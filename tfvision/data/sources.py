@@ -6,6 +6,9 @@ Every source returns a `SampleTable`: a DataFrame with the columns
 - ``label`` the raw class name (str) for classification
 - ``group`` patient / lesion id (str), or the path when the layout has none
 - ``split`` ``train`` / ``val`` / ``test`` where the layout fixes it, else ``""``
+- ``y:<class>`` (multi-label sources only) the raw entry per class: ``1``, ``0``,
+  ``-1`` (uncertain) or ``""`` (blank); ``label`` is then the rarest positive
+  class of the row (or ``none``), which is what splits stratify on
 
 plus the rows that could not be used (``missing``), so that the check pass
 reports them instead of silently dropping them. No TensorFlow here: the
@@ -84,10 +87,39 @@ def _template_paths(frame: pd.DataFrame, template: str, root: Path, csv_path: Pa
     return frame.apply(lambda row: str(root / template.format(**row.to_dict())), axis=1)
 
 
+Y = "y:"  # prefix of the raw multi-label columns
+
+
+def _raw_entry(v: str) -> str:
+    """Normalise a CheXpert-style cell: '1.0' -> '1', '-1.0' -> '-1', 'nan'/'' -> ''."""
+    v = str(v).strip()
+    if v.lower() in ("", "nan", "none"):
+        return ""
+    try:
+        return str(int(float(v)))
+    except ValueError:
+        raise DataError(f"multi-label value {v!r} is not 1, 0, -1 or blank") from None
+
+
+def add_multilabel_columns(out: pd.DataFrame, frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Copy raw per-class entries as ``y:<class>`` and set ``label`` to the rarest positive class."""
+    for c in columns:
+        out[Y + c] = frame[c].map(_raw_entry).to_numpy()
+    positives = out[[Y + c for c in columns]] == "1"
+    rarity = positives.sum().rank(method="first").to_dict()  # rarest class has rank 1
+    order = sorted(columns, key=lambda c: rarity[Y + c])
+    label = pd.Series("none", index=out.index)
+    for c in reversed(order):  # rarest last, so it wins
+        label = label.mask(positives[Y + c], c)
+    out["label"] = label
+    return out
+
+
 def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFrame:
     root = Path(data.root)
     csv_path = root / csv_rel
-    required = [data.label_column]
+    multilabel = bool(data.label_columns)
+    required = list(data.label_columns) if multilabel else [data.label_column]
     if not data.path_template:
         required.append(data.path_column)
     if data.group_column:
@@ -102,11 +134,13 @@ def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFram
     out = pd.DataFrame(
         {
             "path": paths,
-            "label": frame[data.label_column].astype(str),
+            "label": "" if multilabel else frame[data.label_column].astype(str),
             "group": frame[data.group_column].astype(str) if data.group_column else paths,
             "split": split if split is not None else _split_rows(frame, data, csv_path),
         }
     )
+    if multilabel:
+        return add_multilabel_columns(out, frame, data.label_columns)
     empty = out["label"].str.strip() == ""
     if empty.any():
         raise DataError(f"{csv_path}: {int(empty.sum())} row(s) have an empty {data.label_column!r}")
@@ -169,3 +203,49 @@ def folders_source(data: DataConfig) -> SampleTable:
     if not rows:
         raise DataError(f"data.root: no images in class folders under {root}")
     return SampleTable(pd.DataFrame(rows, columns=["path", "label", "group", "split"]))
+
+
+CHEXPERT_CLASSES = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+]
+_PATIENT = r"(patient\d+)"
+
+
+@SOURCES.register("chexpert")
+def chexpert_source(data: DataConfig) -> SampleTable:
+    """CheXpert (Kaggle downsampled layout): root holds ``CheXpert-v1.0-small/``.
+
+    ``train.csv`` and ``valid.csv`` carry ``Path``, ``Frontal/Lateral``, ``AP/PA`` and the 14
+    findings (1, 0, -1 uncertain, blank). The patient id is parsed from the path, so every
+    split is patient-wise. ``valid.csv`` becomes the val split unless ``data.val_csv`` names another.
+    """
+    root = Path(data.root)
+    classes = data.label_columns or CHEXPERT_CLASSES
+    csvs = [(data.csv or "CheXpert-v1.0-small/train.csv", None)]
+    val = data.val_csv or "CheXpert-v1.0-small/valid.csv"
+    if (root / val).is_file():
+        csvs = [(csvs[0][0], "train"), (val, "val")]
+    parts = []
+    for rel, split in csvs:
+        path = root / rel
+        if not path.is_file():
+            raise DataError(f"data.root: {path} not found (expected the CheXpert-v1.0-small layout)")
+        frame = _read_csv(path, ["Path", "Frontal/Lateral", "AP/PA", *classes])
+        if data.views == "frontal":
+            frame = frame[frame["Frontal/Lateral"] == "Frontal"]
+        elif data.views == "ap_pa":
+            frame = frame[frame["AP/PA"].isin(["AP", "PA"])]
+        patients = frame["Path"].str.extract(_PATIENT, expand=False)
+        if patients.isna().any():
+            bad = frame["Path"][patients.isna()].iloc[0]
+            raise DataError(f"{path}: cannot find a patient id (patientNNNNN) in path {bad!r}")
+        out = pd.DataFrame({"path": frame["Path"].map(lambda p: str(root / p)), "label": "",
+                            "group": patients, "split": split or ""})
+        parts.append(add_multilabel_columns(out, frame, classes))
+    out = pd.concat(parts, ignore_index=True)
+    out, missing = _split_missing(out)
+    if out.empty:
+        raise DataError(f"data.root: none of the CheXpert images listed was found under {root}")
+    return SampleTable(out, missing)

@@ -50,11 +50,19 @@ def input_norm(backbone: str, normalization: str, channels: int, stats=None) -> 
 
 def build_image_model(
     backbone: str, channels: int, num_outputs: int, weights, head_cfg: HeadConfig, norm: InputNorm,
-    name: str = "tfvision",
+    name: str = "tfvision", clahe: float | None = None,
 ) -> keras.Model:
-    """Image-level model (classification, multi-label) accepting any image size."""
+    """Image-level model (classification, multi-label) accepting any image size.
+
+    `clahe` (a clip limit) adds Keras's CLAHE layer before normalisation, so the
+    contrast enhancement X-rays often want is part of the model and its exports.
+    """
     inputs = keras.Input((None, None, channels), name="image")
-    x = ImageNormalization(norm.mean, norm.std, norm.bgr and channels >= 3, name="normalize")(inputs)
+    x = inputs
+    if clahe:
+        x = keras.layers.ContrastLimitedAdaptiveHistogramEqualization(
+            value_range=(0, 255), clip_limit=clahe, name="clahe")(x)
+    x = ImageNormalization(norm.mean, norm.std, norm.bgr and channels >= 3, name="normalize")(x)
     net = build_backbone(backbone, (None, None, channels), weights)
     x = net(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)

@@ -10,7 +10,8 @@ from tfvision.registry import Registry
 TASKS = Registry("task")
 
 
-def get_task(name: str):
-    from tfvision.tasks import classification  # noqa: F401  (registers)
+def get_task(name: str, cfg=None):
+    """The task registered as `name`, configured by `cfg` (needed by multilabel)."""
+    from tfvision.tasks import classification, multilabel  # noqa: F401  (registers)
 
-    return TASKS.get(name)()
+    return TASKS.get(name)(cfg)

@@ -12,6 +12,9 @@ class Task:
     name = "base"
     activation = "softmax"  # applied to logits by evaluate / predict / export
 
+    def __init__(self, cfg: Config | None = None):
+        self.cfg = cfg
+
     def class_names(self, frame: pd.DataFrame, cfg: Config) -> list[str]:
         raise NotImplementedError
 
@@ -19,7 +22,12 @@ class Task:
         """(targets [N, K] float32, known mask [N, K] or None)."""
         raise NotImplementedError
 
-    def class_counts(self, targets: np.ndarray) -> np.ndarray:
+    def eval_targets(self, frame: pd.DataFrame, class_names: list[str]) -> np.ndarray:
+        """Targets for scoring (multi-label: -1 where the truth is unknown)."""
+        return self.targets(frame, class_names)[0]
+
+    def class_counts(self, targets: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+        """Positives per class among the training targets."""
         return targets.sum(axis=0)
 
     def tiers(self, targets: np.ndarray, class_tier: np.ndarray) -> np.ndarray:
@@ -29,10 +37,10 @@ class Task:
     def build_model(self, cfg: Config, num_classes: int, norm):
         raise NotImplementedError
 
-    def loss(self, cfg: Config):
+    def loss(self, cfg: Config, inputs=None):
         raise NotImplementedError
 
-    def metrics(self, num_classes: int) -> list:
+    def metrics(self, num_classes: int, class_names: list[str] | None = None) -> list:
         raise NotImplementedError
 
     def summarize(self, targets: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:

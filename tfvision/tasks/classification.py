@@ -39,12 +39,12 @@ class Classification(Task):
 
     def build_model(self, cfg, num_classes, norm):
         return build_image_model(cfg.model.backbone, cfg.data.channels, num_classes, cfg.model.weights,
-                                 cfg.model.head, norm)
+                                 cfg.model.head, norm, clahe=cfg.data.clahe)
 
-    def loss(self, cfg):
+    def loss(self, cfg, inputs=None):
         return classification_loss(cfg.train.loss)
 
-    def metrics(self, num_classes):
+    def metrics(self, num_classes, class_names=None):
         return [
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.AUC(name="auc", from_logits=True, multi_label=False),
