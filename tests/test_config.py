@@ -96,14 +96,21 @@ def test_overrides_are_typed_and_validated(tmp_path, base):
 
 
 def test_not_implemented_task_is_reported(tmp_path, base):
-    base["task"] = "segmentation"
+    base["task"] = "instance_segmentation"
     assert "task" in error_of(tmp_path, base) and "not implemented" in error_of(tmp_path, base)
+
+
+def test_segmentation_needs_masks_and_class_names(tmp_path, base):
+    base["task"] = "segmentation"
+    assert "data.mask_column: required" in error_of(tmp_path, base)
+    base["data"]["mask_column"] = "mask"
+    assert "data.class_names" in error_of(tmp_path, base)
 
 
 def test_json_schema_describes_the_config():
     schema = json_schema()
     data = schema["properties"]["data"]
-    assert data["properties"]["source"]["enum"] == ["ham10000", "csv", "folders", "tfrecord", "chexpert"]
+    assert data["properties"]["source"]["enum"] == ["ham10000", "csv", "folders", "tfrecord", "chexpert", "volumes"]
     assert "source" in data["required"] and data["additionalProperties"] is False
     assert schema["properties"]["train"]["properties"]["batch_size"] == {
         "type": "integer", "minimum": 1, "default": 32}

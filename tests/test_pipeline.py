@@ -242,3 +242,36 @@ def test_masks_travel_with_their_images_through_the_pipeline(tmp_path):
     assert sure.mean() > 0.4
     agree = (level == m.numpy()[..., 0])[sure].mean()
     assert agree > 0.98
+
+
+def test_elastic_moves_image_and_mask_together_and_keeps_labels():
+    image, mask = _batch(n=6)
+    table = aug.param_table([_geo_only(elastic_p=1.0, elastic_alpha=3.0)])
+    batch = {"image": tf.constant(image), "mask": tf.constant(mask), "params": tf.gather(table, [0] * 6),
+             "seed": tf.constant([9, 9])}
+    out = aug.elastic(batch, aug._Rng(batch["seed"]))
+    m = out["mask"].numpy()
+    assert set(np.unique(m)) <= {0, 1} and not np.array_equal(m, mask)
+    img = out["image"].numpy()[..., 0]
+    sure = (img < 40) | (img > 200)
+    assert ((img > 120) == (m[..., 0] == 1))[sure].mean() > 0.99
+    off = {**batch, "params": tf.gather(aug.param_table([OFF]), [0] * 6)}
+    np.testing.assert_allclose(aug.elastic(off, aug._Rng(batch["seed"]))["image"].numpy(), image, atol=1e-3)
+
+
+def test_dicom_files_feed_the_image_pipeline():
+    """DICOM (X-ray / CT) goes through the same decode: modality LUT, then its VOI window."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut
+
+    path = get_testdata_file("CT_small.dcm", download=False)
+    ds = dcmread(path)
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    expected = np.clip((hu - (c - w / 2)) / w, 0, 1) * 255
+    got = decode(read(path), 1).numpy()[..., 0]
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    three = decode(read(path), 3).numpy()
+    assert three.shape == (128, 128, 3)
+    assert check_files([path], 3, progress=False) == []

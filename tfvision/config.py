@@ -24,7 +24,7 @@ from typing import Any, Literal
 from tfvision.errors import ConfigError
 
 TASKS = ("classification", "multilabel", "segmentation", "instance_segmentation")
-IMPLEMENTED_TASKS = ("classification", "multilabel")
+IMPLEMENTED_TASKS = ("classification", "multilabel", "segmentation")
 
 
 def opt(default=dataclasses.MISSING, *, help="", factory=None, **constraints):
@@ -79,7 +79,8 @@ class OversampleConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["ham10000", "csv", "folders", "tfrecord", "chexpert"] = opt(help="where samples come from")
+    source: Literal["ham10000", "csv", "folders", "tfrecord", "chexpert", "volumes"] = opt(
+        help="where samples come from")
     root: str = opt(help="dataset folder; image paths in CSVs resolve against it", exists="dir")
     csv: str | None = opt(None, help="CSV file, relative to root", exists="file")
     val_csv: str | None = opt(None, help="second CSV whose rows are the validation set", exists="file")
@@ -90,6 +91,13 @@ class DataConfig:
     )
     label_column: str = opt("label", help="CSV column with the class")
     label_columns: list[str] = opt(factory=list, help="multilabel: CSV columns with 1/0/-1/blank per class")
+    mask_column: str | None = opt(None, help="segmentation: CSV column with the label image (or label volume)")
+    windows: list[str | list[float]] = opt(
+        factory=lambda: ["minmax"], help="volumes: one channel per window: lung, mediastinum, bone, brain, "
+        "minmax, zscore, or [low, high]")
+    slice_axis: int = opt(2, min=0, max=2, help="volumes: array axis to slice along (2 = axial in RAS NIfTI)")
+    empty_slices: Literal["keep", "drop", "ratio"] = opt("keep", help="volumes: slices with no foreground")
+    empty_ratio: float = opt(0.2, min=0.0, help="volumes: empty slices kept per foreground slice, with 'ratio'")
     views: Literal["all", "frontal", "ap_pa"] = opt("all", help="chexpert: keep all, frontal, or AP/PA views")
     uncertain: LabelPolicy = opt(factory=LabelPolicy, help="multilabel: what -1 (uncertain) becomes")
     blank: LabelPolicy = opt(factory=lambda: LabelPolicy(default="zeros"), help="multilabel: what blank becomes")
@@ -143,6 +151,8 @@ class AugmentParams:
     erase_p: float = opt(0.0, min=0.0, max=1.0)
     erase_size: float = opt(0.15, min=0.0, max=1.0, help="hole side as fraction of size")
     erase_holes: int = opt(1, min=1, max=16)
+    elastic_p: float = opt(0.0, min=0.0, max=1.0, help="elastic deformation (segmentation)")
+    elastic_alpha: float = opt(4.0, min=0.0, help="max displacement in pixels")
 
 
 def _tier(**kw) -> AugmentParams:
@@ -411,6 +421,9 @@ def _check_paths(cfg: Config) -> None:
     root = Path(data.root)
     if data.prepare is None and data.source != "tfrecord" and not root.is_dir():
         raise ConfigError(f"data.root: folder {str(root)!r} does not exist")
+    # Shards may be in cloud storage (gs:// for TPUs); only a local folder is checked here.
+    if data.source == "tfrecord" and "://" not in data.root and not (root / "manifest.json").is_file():
+        raise ConfigError(f"data.root: no manifest.json in {str(root)!r}; make shards with python -m tfvision.convert")
     for key in ("csv", "val_csv"):
         value = getattr(data, key)
         if value is not None and data.prepare is None and data.source != "tfrecord":
@@ -418,7 +431,7 @@ def _check_paths(cfg: Config) -> None:
             if not p.is_file():
                 raise ConfigError(f"data.{key}: file {str(p)!r} does not exist")
     for i, d in enumerate(data.image_dirs):
-        if data.prepare is None and not (root / d).is_dir():
+        if data.prepare is None and data.source != "tfrecord" and not (root / d).is_dir():
             raise ConfigError(f"data.image_dirs[{i}]: folder {str(root / d)!r} does not exist")
     w = cfg.model.weights
     if w not in (None, "imagenet") and not Path(w).is_file():
@@ -427,8 +440,6 @@ def _check_paths(cfg: Config) -> None:
 
 def _check_semantics(cfg: Config) -> None:
     """Cross-field rules that a type cannot express."""
-    if cfg.data.source == "tfrecord":
-        raise ConfigError("data.source: 'tfrecord' is planned (TFRecord issue) but not implemented yet")
     if cfg.task not in IMPLEMENTED_TASKS:
         raise ConfigError(f"task: {cfg.task!r} is planned but not implemented yet (available: {list(IMPLEMENTED_TASKS)})")
     d = cfg.data
@@ -447,13 +458,21 @@ def _check_semantics(cfg: Config) -> None:
     for cls, f in d.oversample.factors.items():
         if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
             raise ConfigError(f"data.oversample.factors.{cls}: expected a positive number, got {json.dumps(f)}")
+    if d.source == "volumes" and (cfg.task != "segmentation" or not d.mask_column or not d.csv):
+        raise ConfigError("data.source: 'volumes' needs task 'segmentation', data.csv and data.mask_column")
+    if cfg.task == "segmentation":
+        if not d.mask_column:
+            raise ConfigError("data.mask_column: required for task 'segmentation'")
+        if not d.class_names or len(d.class_names) < 2:
+            raise ConfigError("data.class_names: segmentation needs the class names, background first "
+                              '(e.g. ["background", "tumour"])')
     if d.source == "csv" and d.csv is None:
         raise ConfigError("data.csv: required when data.source is 'csv'")
     if isinstance(d.image_size, list) and len(d.image_size) != 2:
         raise ConfigError(f"data.image_size: expected N or [H, W], got {d.image_size}")
     if d.val_csv and d.split_column:
         raise ConfigError("data.val_csv: give either val_csv or split_column, not both")
-    if d.split.method == "grouped" and not d.group_column and d.source not in ("ham10000", "chexpert"):
+    if d.split.method == "grouped" and not d.group_column and d.source not in ("ham10000", "chexpert", "tfrecord"):
         raise ConfigError("data.split.method: 'grouped' needs data.group_column")
     if d.split.fold is not None and d.split.fold >= d.split.n_folds:
         raise ConfigError(f"data.split.fold: {d.split.fold} must be below n_folds={d.split.n_folds}")

@@ -200,7 +200,45 @@ def erase(batch: dict, rng: _Rng, max_holes: int = 16) -> dict:
     return {**batch, "image": tf.where(hole[..., None], 127.5, img)}
 
 
-OPS = (flips, affine, color, noise, blur, erase)
+def _sample(images, ys, xs, nearest: bool):
+    """Sample [B,H,W,C] at float coordinates [B,H,W] (clamped at the border)."""
+    b, h, w = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    ys = tf.clip_by_value(ys, 0.0, tf.cast(h - 1, tf.float32))
+    xs = tf.clip_by_value(xs, 0.0, tf.cast(w - 1, tf.float32))
+    bi = tf.broadcast_to(tf.range(b)[:, None, None], tf.shape(ys))
+
+    def at(y, x):
+        return tf.gather_nd(images, tf.stack([bi, y, x], axis=-1))
+
+    if nearest:
+        return at(tf.cast(tf.round(ys), tf.int32), tf.cast(tf.round(xs), tf.int32))
+    y0, x0 = tf.floor(ys), tf.floor(xs)
+    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
+    y0i, x0i = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    y1i, x1i = tf.minimum(y0i + 1, h - 1), tf.minimum(x0i + 1, w - 1)
+    top = at(y0i, x0i) * (1 - wx) + at(y0i, x1i) * wx
+    bottom = at(y1i, x0i) * (1 - wx) + at(y1i, x1i) * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def elastic(batch: dict, rng: _Rng, grid: int = 4) -> dict:
+    """Elastic deformation: a smooth random displacement field (a coarse grid of random
+    shifts upsampled bicubically), bilinear for images, nearest for masks."""
+    p = batch["params"]
+    img = batch["image"]
+    b, h, w = tf.shape(img)[0], tf.shape(img)[1], tf.shape(img)[2]
+    do = tf.cast(rng.coin(col(p, "elastic_p")), tf.float32)
+    amp = tf.reshape(col(p, "elastic_alpha") * do, [-1, 1, 1, 1])
+    field = tf.image.resize(rng.uniform([b, grid, grid, 2], -1.0, 1.0), [h, w], method="bicubic") * amp
+    ys, xs = tf.meshgrid(tf.range(tf.cast(h, tf.float32)), tf.range(tf.cast(w, tf.float32)), indexing="ij")
+    src_y, src_x = ys[None] + field[..., 0], xs[None] + field[..., 1]
+    out = {**batch, "image": _sample(img, src_y, src_x, nearest=False)}
+    if "mask" in batch:
+        out["mask"] = _sample(batch["mask"], src_y, src_x, nearest=True)
+    return out
+
+
+OPS = (flips, affine, elastic, color, noise, blur, erase)
 
 
 def augment_batch(batch: dict) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import tensorflow as tf
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -40,6 +41,55 @@ def _png_shape(data: tf.Tensor) -> tf.Tensor:
     return tf.stack([h, w])
 
 
+def is_dicom(data: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(data, 128, 4), b"DICM")
+
+
+def dicom_display(data: bytes) -> np.ndarray:
+    """DICOM bytes -> float32 [H, W, C] on 0..255 for image models.
+
+    Real-world values (modality LUT, MONOCHROME1 inverted) from
+    `tfvision.medical.read_dicom`, then the file's own VOI window when it has
+    one, else the 0.5-99.5 percentile range. Multi-frame files give the middle frame.
+    """
+    import io
+
+    from tfvision.medical.dicom import read_dataset, read_dicom
+
+    raw = data.item() if isinstance(data, np.ndarray) else bytes(data)  # numpy_function gives a 0-d array
+    arr, _ = read_dicom(io.BytesIO(raw), warn_missing_rescale=False)
+    header = read_dataset(io.BytesIO(raw), pixels=False)
+    color = arr.ndim >= 3 and arr.shape[-1] == 3
+    if arr.ndim == (4 if color else 3):
+        arr = arr[len(arr) // 2]
+    if color:
+        return arr.astype(np.float32)
+    center, width = _first(header.get("WindowCenter")), _first(header.get("WindowWidth"))
+    if center is not None and width:
+        lo, hi = center - width / 2.0, center + width / 2.0
+    else:
+        lo, hi = np.percentile(arr, [0.5, 99.5])
+    out = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0) * 255.0
+    return out[..., None].astype(np.float32)
+
+
+def _first(value):
+    if value is None:
+        return None
+    try:
+        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _dicom(data: tf.Tensor) -> tf.Tensor:
+    # DICOM has no TF decoder; pydicom runs outside the graph (slower, but it
+    # lets DICOM X-rays feed the same classification pipeline).
+    img = tf.numpy_function(dicom_display, [data], tf.float32, stateful=False)
+    img.set_shape([None, None, None])
+    return img
+
+
 def _other(data: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(data, channels=0, dtype=tf.float32, expand_animations=False) * 255.0
 
@@ -50,6 +100,7 @@ def image_shape(data: tf.Tensor) -> tf.Tensor:
         [
             (is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[:2]),
             (is_png(data), lambda: _png_shape(data)),
+            (is_dicom(data), lambda: tf.shape(_dicom(data))[:2]),
         ],
         default=lambda: tf.shape(_other(data))[:2],
     )
@@ -123,6 +174,7 @@ def decode(
         [
             (is_jpeg(data), lambda: _jpeg(data, window, tgt)),
             (is_png(data), lambda: _png(data, window)),
+            (is_dicom(data), lambda: _dicom(data)[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]),
         ],
         default=lambda: _other(data)[window[0] : window[0] + window[2], window[1] : window[1] + window[3]],
     )

@@ -13,9 +13,11 @@ image/width         int64         pixels, from the header
 image/channels      int64         channels stored in the file (1 gray, 3 RGB, 4 CMYK/RGBA, ...)
 image/id            bytes         the source path relative to ``data.root``
 image/group         bytes         patient / lesion id (the path when the layout has none)
-label/text          bytes         the raw label as the source spells it
-label/target        float [K]     the task's encoding: one-hot (classification), multi-hot, ...
+label/text          bytes         the raw label (multi-label: the class its split stratified on)
+label/target        float [K]     the training target: one-hot (classification), multi-hot, ...
 label/known         float [K]     optional: 1 where the label is known (multi-label with gaps)
+label/eval          float [K]     optional: what validation scores against when it differs from
+                                  the target (multi-label: -1 where unknown or uncertain)
 label/mask          bytes         optional: an integer label PNG (segmentation)
 sample/fold         int64         K-fold index of the converted split config, -1 outside folds
 ==================  ============  ==========================================================
@@ -23,7 +25,7 @@ sample/fold         int64         K-fold index of the converted split config, -1
 The split is not a feature: it is the shard's file name
 (``{split}-{i:05d}-of-{n:05d}.tfrecord``). ``K``, and whether the optional
 keys are present, are in ``manifest.json`` (``num_classes``, ``has_known``,
-``has_mask``), which the reader needs to build the parse spec.
+``has_eval``, ``has_mask``), which the reader needs to build the parse spec.
 
 Bump `SCHEMA_VERSION` on any change a reader of the old version would misread.
 
@@ -46,6 +48,7 @@ GROUP = "image/group"
 LABEL_TEXT = "label/text"
 TARGET = "label/target"
 KNOWN = "label/known"
+EVAL = "label/eval"
 MASK = "label/mask"
 FOLD = "sample/fold"
 
@@ -59,6 +62,7 @@ DESCRIPTION = {
     LABEL_TEXT: "bytes: raw label",
     TARGET: "float[num_classes]: task encoding (one-hot, multi-hot)",
     KNOWN: "float[num_classes]: 1 where known (only if has_known)",
+    EVAL: "float[num_classes]: validation truth, -1 where unscored (only if has_eval)",
     MASK: "bytes: integer label PNG (only if has_mask)",
     FOLD: "int64: K-fold index under the converted split config, -1 outside folds",
 }
@@ -76,7 +80,7 @@ def image_format(data: bytes) -> str:
 
 def encode_example(
     *, image: bytes, height: int, width: int, channels: int, image_id: str, group: str, label: str,
-    target, fold: int = -1, known=None, mask: bytes | None = None,
+    target, fold: int = -1, known=None, eval_target=None, mask: bytes | None = None,
 ) -> bytes:
     """One serialized tf.Example in this schema."""
     import tensorflow as tf
@@ -98,12 +102,14 @@ def encode_example(
     }
     if known is not None:
         feats[KNOWN] = f(known)
+    if eval_target is not None:
+        feats[EVAL] = f(eval_target)
     if mask is not None:
         feats[MASK] = b(mask)
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
 
-def parse_spec(num_classes: int, *, has_known: bool = False, has_mask: bool = False,
+def parse_spec(num_classes: int, *, has_known: bool = False, has_eval: bool = False, has_mask: bool = False,
                keys: tuple[str, ...] | None = None) -> dict:
     """`tf.io.parse_*example` spec; `keys` restricts it (e.g. labels only)."""
     import tensorflow as tf
@@ -122,6 +128,8 @@ def parse_spec(num_classes: int, *, has_known: bool = False, has_mask: bool = Fa
     }
     if has_known:
         spec[KNOWN] = tf.io.FixedLenFeature([num_classes], tf.float32)
+    if has_eval:
+        spec[EVAL] = tf.io.FixedLenFeature([num_classes], tf.float32)
     if has_mask:
         spec[MASK] = tf.io.FixedLenFeature([], tf.string)
     if keys is not None:

@@ -18,6 +18,8 @@ TFRecord converter and the config check reuse these readers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import string
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def _split_rows(frame: pd.DataFrame, data: DataConfig, csv_path: Path) -> pd.Ser
 
 def _split_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     exists = frame["path"].map(lambda p: Path(p).is_file())
+    if "mask" in frame:
+        exists &= frame["mask"].map(lambda p: Path(p).is_file())
     missing = [{"path": p, "reason": "file not found"} for p in frame.loc[~exists, "path"]]
     return frame.loc[exists].reset_index(drop=True), missing
 
@@ -119,13 +123,15 @@ def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFram
     root = Path(data.root)
     csv_path = root / csv_rel
     multilabel = bool(data.label_columns)
-    required = list(data.label_columns) if multilabel else [data.label_column]
+    required = list(data.label_columns) if multilabel else [] if data.mask_column else [data.label_column]
     if not data.path_template:
         required.append(data.path_column)
     if data.group_column:
         required.append(data.group_column)
     if data.split_column and split is None:
         required.append(data.split_column)
+    if data.mask_column:
+        required.append(data.mask_column)
     frame = _read_csv(csv_path, required)
     if data.path_template:
         paths = _template_paths(frame, data.path_template, root, csv_path)
@@ -141,6 +147,10 @@ def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFram
     )
     if multilabel:
         return add_multilabel_columns(out, frame, data.label_columns)
+    if data.mask_column:  # segmentation: the label image travels with the image
+        out["mask"] = frame[data.mask_column].map(lambda p: str(root / p)).to_numpy()
+        out["label"] = "image"
+        return out
     empty = out["label"].str.strip() == ""
     if empty.any():
         raise DataError(f"{csv_path}: {int(empty.sum())} row(s) have an empty {data.label_column!r}")
@@ -249,3 +259,45 @@ def chexpert_source(data: DataConfig) -> SampleTable:
     if out.empty:
         raise DataError(f"data.root: none of the CheXpert images listed was found under {root}")
     return SampleTable(out, missing)
+
+
+@SOURCES.register("volumes")
+def volumes_source(data: DataConfig) -> SampleTable:
+    """Image volumes (NIfTI or DICOM series folders) + label volumes, listed in a CSV
+    (``path_column``, ``mask_column``, ``group_column`` = patient), cut into 2D slices once
+    and cached under ``root/.tfvision_slices/``. A volume that fails is reported and skipped."""
+    from tfvision.medical.slices import slice_cache, volume_to_slices
+
+    root = Path(data.root)
+    csv_path = root / data.csv
+    required = [data.path_column, data.mask_column] + ([data.group_column] if data.group_column else [])
+    frame = _read_csv(csv_path, required)
+    key = {"csv": str(csv_path.resolve()), "csv_sha": _sha(csv_path), "windows": data.windows,
+           "axis": data.slice_axis, "empty": data.empty_slices, "ratio": data.empty_ratio, "format": 1}
+
+    def build(out: Path):
+        rows, failed = [], []
+        for i, r in frame.iterrows():
+            patient = str(r[data.group_column]) if data.group_column else f"volume{i:04d}"
+            try:
+                rows += volume_to_slices(root / r[data.path_column], root / r[data.mask_column], out, patient,
+                                         data.windows, axis=data.slice_axis, empty=data.empty_slices,
+                                         empty_ratio=data.empty_ratio, seed=i)
+            except (DataError, OSError, ValueError) as e:
+                failed.append({"path": str(root / r[data.path_column]), "reason": str(e)})
+        pd.DataFrame(rows, columns=["path", "mask", "group", "slice", "label"]).to_csv(out / "slices.csv", index=False)
+        (out / "failed.json").write_text(json.dumps(failed))
+
+    cache = slice_cache(root, key, build)
+    slices = pd.read_csv(cache / "slices.csv", dtype=str, keep_default_na=False)
+    failed = json.loads((cache / "failed.json").read_text())
+    if slices.empty:
+        raise DataError(f"data.csv: no slices could be made from {csv_path}: {failed[:3]}")
+    out = pd.DataFrame({"path": slices["path"].map(lambda p: str(cache / p)), "label": slices["label"],
+                        "group": slices["group"], "split": "",
+                        "mask": slices["mask"].map(lambda p: str(cache / p))})
+    return SampleTable(out, failed)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

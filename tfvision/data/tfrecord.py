@@ -1,0 +1,407 @@
+"""TFRecord shards: write one shard, verify a shard folder, and read shards for training.
+
+A shard folder holds ``{split}-{i:05d}-of-{n:05d}.tfrecord`` (``.tfrecord.gz``
+with GZIP) and ``manifest.json`` (counts, classes, each shard's records, size
+and sha256, rejected files). The record keys are in `tfvision.data.features`;
+`tfvision.convert` plans the shards and runs `write_shard` in worker processes.
+
+Reading goes through ``tf.io.gfile``, so a ``gs://`` folder works (TPU). Each
+shard is read with its record count from the manifest: a shard that ends early
+(corrupt record, truncated upload) fails with its name, never silently short.
+
+>>> inputs = RecordInputs(cfg, get_task("classification"))   # cfg.data.root = shard folder
+>>> ds = inputs.dataset("train", PipelineSpec.from_config(cfg), training=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import tensorflow as tf
+
+from tfvision.config import Config
+from tfvision.data import features as F
+from tfvision.data.decode import decode, describe_error, image_shape, is_jpeg, is_png
+from tfvision.data.inputs import Inputs, class_tiers
+from tfvision.data.pipeline import PipelineSpec, from_elements
+from tfvision.errors import ConfigError, DataError
+from tfvision.fileio import atomic_path, write_json
+from tfvision.losses import class_weights
+
+log = logging.getLogger("tfvision.data")
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+SHARD_RE = re.compile(r"^(train|val|test)-(\d{5})-of-(\d{5})\.tfrecord(\.gz)?$")
+CYCLE_LENGTH = 16  # shards read at once; also how far records of different shards mix
+READ_BUFFER = 1 << 20  # bytes per open shard
+
+
+def shard_name(split: str, index: int, count: int, gzip: bool = False) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord" + (".gz" if gzip else "")
+
+
+def join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclasses.dataclass
+class ShardJob:
+    """One shard to write: its rows are (path, image_id, group, label, target, known, eval, fold)."""
+
+    directory: str
+    name: str
+    rows: list[tuple]
+    channels: int
+    gzip: bool = False
+    parent_pid: int | None = None  # a worker stops when this process dies
+
+
+_PROBES: dict[int, object] = {}
+
+
+def _probe(channels: int):
+    """Compiled check + header read: (decoded shape, [h, w], channels in the file)."""
+    if channels not in _PROBES:
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+        def probe(data):
+            checked = tf.shape(decode(data, channels, target=(1, 1)))
+            png_type = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 25, 1), tf.uint8)[0], tf.int32)
+            native = tf.case(
+                [(is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[2]),
+                 # PNG colour type -> channels: gray, -, RGB, palette, gray+alpha, -, RGBA
+                 (is_png(data), lambda: tf.gather([1, 0, 3, 3, 2, 0, 4], tf.minimum(png_type, 6)))],
+                default=lambda: tf.shape(tf.io.decode_image(data, channels=0, expand_animations=False))[2],
+            )
+            return checked, image_shape(data), native
+
+        _PROBES[channels] = probe
+    return _PROBES[channels]
+
+
+def check_image(data: bytes, channels: int) -> tuple[str | None, tuple[int, int, int]]:
+    """The check pass of `tfvision.data.check` on bytes in memory: (reason or None, (h, w, c)).
+
+    Decoded once, JPEGs at 1/8 scale (the whole entropy stream is still read).
+    The compiled probe is fast; a failure is re-run eagerly so the reason is the
+    decoder's own message, as in the check pass.
+    """
+    if not data:
+        return "empty file", (0, 0, 0)
+    try:
+        checked, hw, native = _probe(channels)(tf.constant(data))
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as graph_error:
+        try:
+            tf.shape(decode(tf.constant(data), channels, target=(1, 1)))
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+            return describe_error(e), (0, 0, 0)
+        return describe_error(graph_error), (0, 0, 0)
+    if int(checked[0]) == 0 or int(checked[1]) == 0:
+        return "image has zero size", (0, 0, 0)
+    return None, (int(hw[0]), int(hw[1]), int(native))
+
+
+@contextmanager
+def _record_writer(path, gzip: bool):
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        yield writer
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Check, encode and write one shard under a temporary name, then rename it.
+
+    Returns ``{"name", "records", "bytes", "sha256", "rejected"}``.
+    """
+    rejected, records = [], 0
+    final = os.path.join(job.directory, job.name)
+    with atomic_path(final) as tmp:
+        with _record_writer(tmp, job.gzip) as writer:
+            for path, image_id, group, label, target, known, eval_target, fold in job.rows:
+                if job.parent_pid is not None and os.getppid() != job.parent_pid:
+                    raise RuntimeError("the converter process is gone")  # no rename: the shard is redone
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    rejected.append({"path": path, "reason": f"cannot read: {e.strerror or e}"})
+                    continue
+                reason, (h, w, c) = check_image(data, job.channels)
+                if reason is not None:
+                    rejected.append({"path": path, "reason": reason})
+                    continue
+                writer.write(F.encode_example(
+                    image=data, height=h, width=w, channels=c, image_id=image_id, group=group,
+                    label=label, target=target, fold=fold, known=known, eval_target=eval_target))
+                records += 1
+        size, digest = file_digest(str(tmp))
+    return {"name": job.name, "records": records, "bytes": size, "sha256": digest, "rejected": rejected}
+
+
+def file_digest(path: str, chunk: int = 4 << 20) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a local or gs:// file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+# --------------------------------------------------------------------------- manifest and verify
+
+
+def read_manifest(root: str) -> dict:
+    path = join(root, MANIFEST)
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"{path}: not found; make shards with python -m tfvision.convert")
+    import json
+
+    with tf.io.gfile.GFile(path) as f:
+        manifest = json.loads(f.read())
+    version = manifest.get("schema_version")
+    if version != F.SCHEMA_VERSION:
+        raise DataError(f"{path}: record schema version {version}, this tfvision reads "
+                        f"version {F.SCHEMA_VERSION}; convert the data again")
+    return manifest
+
+
+def _spec_of(manifest: dict, keys=None) -> dict:
+    return F.parse_spec(manifest["num_classes"], has_known=manifest["has_known"],
+                        has_eval=manifest["has_eval"], has_mask=manifest["has_mask"], keys=keys)
+
+
+def verify(root: str, progress: bool = True) -> tuple[list[str], int]:
+    """Re-read every shard: size and sha256 against the manifest, every record's
+    CRC and parse, and the record counts. Returns (problems, shards checked)."""
+    from tqdm import tqdm
+
+    manifest = read_manifest(root)
+    problems = []
+    listed = {s["name"] for s in manifest["shards"]}
+    on_disk = {os.path.basename(p) for p in tf.io.gfile.listdir(root)}
+    problems += [f"{n}: shard file not listed in {MANIFEST}" for n in sorted(on_disk - listed)
+                 if SHARD_RE.match(n)]
+    spec = _spec_of(manifest)
+    per_split = dict.fromkeys(SPLITS, 0)
+    for shard in tqdm(manifest["shards"], desc="verifying shards", unit="shard",
+                      disable=None if progress else True):
+        name, path = shard["name"], join(root, shard["name"])
+        if name not in on_disk:
+            problems.append(f"{name}: missing")
+            continue
+        per_split[SHARD_RE.match(name).group(1)] += shard["records"]
+        size, digest = file_digest(path)
+        if size != shard["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+        elif digest != shard["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (modified after conversion)")
+        n, error = 0, None
+        ds = tf.data.TFRecordDataset(path, "GZIP" if name.endswith(".gz") else "", READ_BUFFER).batch(256)
+        try:
+            for batch in ds:
+                tf.io.parse_example(batch, spec)
+                n += int(batch.shape[0])
+        except tf.errors.DataLossError as e:
+            error = f"unreadable after record {n}: {describe_error(e)}"
+        except tf.errors.InvalidArgumentError as e:
+            error = f"a record in records {n}..{n + 255} does not parse: {describe_error(e)}"
+        if error:
+            problems.append(f"{name}: {error}")
+        elif n != shard["records"]:
+            problems.append(f"{name}: {n} records, manifest says {shard['records']}")
+    for split in SPLITS:
+        want = manifest["counts"].get(split, 0)
+        if per_split[split] != want and not problems:
+            problems.append(f"{MANIFEST}: {split} shards hold {per_split[split]} records, counts say {want}")
+    return problems, len(manifest["shards"])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _shard_records(path: tf.Tensor, expected: tf.Tensor, compression: str) -> tf.data.Dataset:
+    """Records of one shard, failing with the shard's name if it ends early or late.
+
+    TFRecordDataset's own error ("corrupted record at 5097") does not name the
+    file; `ignore_errors` here ends this shard at the bad record, and the count
+    check at the end turns the shortfall into an error that does.
+    """
+    records = tf.data.TFRecordDataset(path, compression, READ_BUFFER).ignore_errors()
+    end = tf.data.Dataset.from_tensors(tf.constant(b""))  # records are never empty
+
+    def check(i, record):
+        ok = tf.logical_or(tf.strings.length(record) > 0, tf.equal(i, expected))
+        message = tf.strings.join([
+            "shard ", path, " is corrupt or truncated: read ", tf.as_string(i), " of ",
+            tf.as_string(expected), " records; run python -m tfvision.convert --verify on its folder"])
+        # tf.print as well: the training pipeline skips failing elements (ignore_errors),
+        # and TF's own warning is hidden under TF_CPP_MIN_LOG_LEVEL=2.
+        def report():
+            tf.print("ERROR:", message, output_stream=sys.stderr)
+            return tf.constant(False)
+
+        reported = tf.cond(ok, lambda: tf.constant(True), report)
+        with tf.control_dependencies([reported, tf.debugging.Assert(ok, [message])]):
+            return tf.identity(record)
+
+    return (records.concatenate(end).enumerate().map(check)
+            .filter(lambda r: tf.strings.length(r) > 0))
+
+
+class RecordInputs(Inputs):
+    """Training inputs from a shard folder (``data.source: tfrecord``, ``data.root``: the folder).
+
+    Same interface as `FileInputs`; elements go through the same
+    `pipeline.from_elements` tail, so decode and augmentation are shared.
+    """
+
+    def __init__(self, cfg: Config, task):
+        self.cfg, self.task, self.root = cfg, task, cfg.data.root
+        m = self.manifest = read_manifest(self.root)
+        if m["task"] != cfg.task:
+            raise ConfigError(f"task: {cfg.task!r}, but the shards in {self.root} were made for {m['task']!r}")
+        self.class_names = list(m["class_names"])
+        if cfg.data.class_names is not None and list(cfg.data.class_names) != self.class_names:
+            raise ConfigError(f"data.class_names: {cfg.data.class_names} differ from the shards' "
+                              f"{self.class_names}; convert again or drop data.class_names")
+        if m["config"]["data"]["split"] != dataclasses.asdict(cfg.data.split) or m["config"]["seed"] != cfg.seed:
+            log.warning("data.split / seed differ from the conversion's; the shards' split is used")
+        if cfg.data.oversample.enabled:
+            raise ConfigError("data.oversample: not available with data.source 'tfrecord' yet; "
+                              "train on the source files to oversample")
+        self.counts = np.array([m["class_counts"]["train"][c] for c in self.class_names], np.float64)
+        self.known_counts = np.array([m["known_counts"]["train"][c] for c in self.class_names], np.float64)
+        self.weights = class_weights(self.counts, cfg.train.loss.class_weights)
+        self.tiers = class_tiers(self.counts, cfg)
+        self.sizes = {s: int(m["counts"].get(s, 0)) for s in SPLITS}
+        if not self.sizes["train"] or not self.sizes["val"]:
+            raise DataError(f"{join(self.root, MANIFEST)}: the train or val split has no records")
+        self.shards = {s: [sh for sh in m["shards"] if sh["name"].startswith(f"{s}-")] for s in SPLITS}
+        self._check_files()
+        self._targets: dict[str, np.ndarray] = {}
+
+    def _check_files(self):
+        """Every listed shard exists with its manifest size (cheap: no shard is read)."""
+        for shard in self.manifest["shards"]:
+            path = join(self.root, shard["name"])
+            try:
+                size = tf.io.gfile.stat(path).length
+            except tf.errors.NotFoundError:
+                raise DataError(f"{path}: shard listed in {MANIFEST} is missing") from None
+            if size != shard["bytes"]:
+                raise DataError(f"{path}: {size} bytes, {MANIFEST} says {shard['bytes']} (truncated or "
+                                f"replaced); run python -m tfvision.convert --verify {self.root}")
+
+    def _records(self, split: str, *, training: bool, deterministic: bool, seed: int = 0):
+        shards = self.shards[split]
+        files = [join(self.root, s["name"]) for s in shards]
+        compression = "GZIP" if self.manifest.get("compression") == "GZIP" else ""
+        ds = tf.data.Dataset.from_tensor_slices((files, [s["records"] for s in shards]))
+        if training:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        return ds.interleave(lambda f, n: _shard_records(f, tf.cast(n, tf.int64), compression),
+                             cycle_length=min(len(files), CYCLE_LENGTH), block_length=1,
+                             num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=deterministic or not training)
+
+    def _elements(self, split: str, *, training: bool, deterministic: bool, seed: int = 0):
+        spec = _spec_of(self.manifest, keys=(F.ENCODED, F.TARGET, F.KNOWN, F.MASK))
+        train = split == "train"
+        tier_of = tf.constant(self.tiers if train and self.tiers is not None else
+                              np.zeros(len(self.class_names)), tf.int32)
+        weights = tf.constant(self.weights, tf.float32) if train and self.weights is not None else None
+
+        def element(record):
+            p = tf.io.parse_single_example(record, spec)
+            target = p[F.TARGET]
+            # The strongest tier among the record's positive classes, as Task.tiers does for
+            # one-hot (the class's tier) and multi-hot targets (light when none).
+            out = {"bytes": p[F.ENCODED], "target": target,
+                   "tier": tf.reduce_max(tf.where(target >= 0.5, tier_of, 0))}
+            if F.KNOWN in p:
+                out["known"] = p[F.KNOWN]
+            if weights is not None:
+                out["weight"] = tf.reduce_sum(target * weights)
+            if F.MASK in p:
+                out["mask_bytes"] = p[F.MASK]
+            return out
+
+        ds = self._records(split, training=training, deterministic=deterministic, seed=seed)
+        return ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not training)
+
+    def dataset(self, split, spec: PipelineSpec, *, training, repeat=False, format_batch=None):
+        ds = self._elements(split, training=training, deterministic=spec.deterministic, seed=spec.seed)
+        if training and spec.cache:  # the encoded bytes, as for loose files
+            ds = ds.cache()
+        # FILE: under a multi-worker strategy each worker reads its own shards.
+        return from_elements(ds, spec, training=training, repeat=repeat, format_batch=format_batch,
+                             size_hint=self.sizes[split],
+                             shard_policy=tf.data.experimental.AutoShardPolicy.FILE)
+
+    def targets(self, split):
+        """What validation scores against (the task's eval targets), read from the shards
+        (labels only), in `dataset(split, training=False)` order."""
+        if split not in self._targets:
+            key = F.EVAL if self.manifest["has_eval"] else F.TARGET
+            spec = _spec_of(self.manifest, keys=(key,))
+            ds = self._records(split, training=False, deterministic=True).batch(1024)
+            try:
+                parts = [tf.io.parse_example(b, spec)[key].numpy() for b in ds]
+            except tf.errors.InvalidArgumentError as e:
+                raise DataError(_assert_message(e)) from None
+            self._targets[split] = np.concatenate(parts) if parts else np.zeros((0, len(self.class_names)))
+        return self._targets[split]
+
+    def channel_stats(self, spec, limit: int = 512):
+        """Per-channel mean and std (0..255) over about `limit` training records, un-augmented."""
+        spec = dataclasses.replace(spec, cache=False)
+        total, sq, count = np.zeros(spec.channels), np.zeros(spec.channels), 0
+        for images, *_ in self.dataset("train", spec, training=False).take(-(-limit // spec.batch_size)):
+            x = images.numpy().reshape(-1, spec.channels).astype(np.float64)
+            total, sq, count = total + x.sum(0), sq + (x**2).sum(0), count + len(x)
+        mean = total / count
+        return mean.tolist(), np.sqrt(np.maximum(sq / count - mean**2, 1e-6)).tolist()
+
+    def write_report(self, run_dir) -> dict:
+        """data_report.json for a run on shards: the manifest's counts and rejected files."""
+        m = self.manifest
+        total = sum(self.sizes.values()) + len(m["rejected"])
+        report = {
+            "source": "tfrecord", "shards": self.root, "n_samples": sum(self.sizes.values()),
+            "n_rejected": len(m["rejected"]), "rejected_fraction": len(m["rejected"]) / max(total, 1),
+            "class_counts": m["class_counts"], "rejected": m["rejected"],
+        }
+        write_json(os.path.join(run_dir, "data_report.json"), report)
+        return report
+
+
+def _assert_message(e: Exception) -> str:
+    found = re.search(r"assertion failed: \[(.*?)\]", str(e), re.S)
+    return found.group(1) if found else describe_error(e)
+
+
+def read_examples(root: str, split: str) -> list[dict]:
+    """Every record of `split`, parsed to Python values, in shard order (tests, inspection)."""
+    manifest = read_manifest(root)
+    spec = _spec_of(manifest)
+    out = []
+    for shard in manifest["shards"]:
+        if not shard["name"].startswith(f"{split}-"):
+            continue
+        path = join(root, shard["name"])
+        for rec in tf.data.TFRecordDataset(path, "GZIP" if path.endswith(".gz") else ""):
+            p = tf.io.parse_single_example(rec, spec)
+            out.append({k: (v.numpy().tolist() if v.shape.rank else v.numpy()) for k, v in p.items()})
+    return out
