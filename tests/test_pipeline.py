@@ -265,13 +265,17 @@ def test_dicom_files_feed_the_image_pipeline():
     from pydicom.data import get_testdata_file
     from pydicom.pixels import apply_modality_lut
 
-    path = get_testdata_file("CT_small.dcm", download=False)
-    ds = dcmread(path)
-    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
-    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
-    expected = np.clip((hu - (c - w / 2)) / w, 0, 1) * 255
-    got = decode(read(path), 1).numpy()[..., 0]
-    np.testing.assert_allclose(got, expected, atol=1e-3)
-    three = decode(read(path), 3).numpy()
-    assert three.shape == (128, 128, 3)
-    assert check_files([path], 3, progress=False) == []
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm", "CT_small.dcm"):
+        path = get_testdata_file(name, download=False)
+        ds = dcmread(path)
+        hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+        if "WindowCenter" in ds:  # the file's own VOI window
+            lo = float(ds.WindowCenter) - float(ds.WindowWidth) / 2
+            hi = lo + float(ds.WindowWidth)
+        else:  # no window: robust percentile range
+            lo, hi = np.percentile(hu, [0.5, 99.5])
+        expected = np.clip((hu - lo) / (hi - lo), 0, 1) * 255
+        got = decode(read(path), 1).numpy()[..., 0]
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        assert decode(read(path), 3).numpy().shape == hu.shape + (3,)
+        assert check_files([path], 3, progress=False) == []
