@@ -82,6 +82,11 @@ def test_missing_files_and_folders(tmp_path, base):
     assert "data.root" in error_of(tmp_path, base)
 
 
+def test_backbone_typo_is_caught_before_tensorflow(tmp_path, base):
+    base["model"]["backbone"] = "efficientnetv2_b00"
+    assert "did you mean 'efficientnetv2_b0'" in error_of(tmp_path, base)
+
+
 def test_missing_required_key(tmp_path, base):
     del base["model"]["backbone"]
     assert "model.backbone: required key is missing" in error_of(tmp_path, base)

@@ -30,6 +30,12 @@ def test_every_registered_backbone_builds_and_runs(name):
     assert model.get_layer("backbone").name == "backbone"
 
 
+def test_config_knows_every_registered_backbone():
+    from tfvision.config import BACKBONE_NAMES
+
+    assert sorted(BACKBONE_NAMES) == BACKBONES.names()
+
+
 def test_unknown_backbone_suggests():
     with pytest.raises(ConfigError, match="did you mean 'convnext_tiny'"):
         get_spec("convnext_tinny")

@@ -25,6 +25,13 @@ from tfvision.errors import ConfigError
 
 TASKS = ("classification", "multilabel", "segmentation", "instance_segmentation")
 IMPLEMENTED_TASKS = ("classification", "multilabel", "segmentation")
+# The backbone registry's names, listed here so a typo is caught before TensorFlow loads
+# (tests check the two agree).
+BACKBONE_NAMES = (
+    *(f"efficientnetv2_{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
+    *(f"convnext_{v}" for v in ("tiny", "small", "base", "large", "xlarge")),
+    "resnet50", "small_cnn",
+)
 
 
 def opt(default=dataclasses.MISSING, *, help="", factory=None, **constraints):
@@ -207,10 +214,28 @@ class HeadConfig:
 
 
 @dataclass(kw_only=True)
+class UNetConfig:
+    """Segmentation decoder. base_filters/depth shape the classic U-Net (model.backbone "unet");
+    decoder_filters the decoder on a registered encoder."""
+
+    base_filters: int = opt(64, min=1, help="classic U-Net: filters of the first level (64 -> 1024 at depth 5)")
+    depth: int = opt(5, min=2, max=8, help="classic U-Net: levels, i.e. depth-1 poolings")
+    decoder_filters: list[int] = opt(factory=lambda: [256, 128, 64, 32, 16], help="encoder U-Net decoder")
+    upsampling: Literal["transpose", "bilinear"] = opt("transpose")
+    attention: bool = opt(False, help="attention gates on the skip connections")
+    deep_supervision: bool = opt(False, help="auxiliary losses on coarser decoder levels")
+    norm: Literal["batch", "group"] = opt("batch", help="group suits small batches")
+    groups: int = opt(8, min=1)
+    dropout: float = opt(0.0, min=0.0, max=0.9)
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
-    backbone: str = opt(help="registered backbone, e.g. efficientnetv2_b0, convnext_tiny, resnet50")
+    backbone: str = opt(help='registered backbone, e.g. efficientnetv2_b0, convnext_tiny, resnet50; "unet" '
+                        "for the classic U-Net (segmentation)")
     weights: str | None = opt("imagenet", help="imagenet, null, or a local weights file")
     head: HeadConfig = opt(factory=HeadConfig)
+    unet: UNetConfig = opt(factory=UNetConfig, help="segmentation only")
 
 
 @dataclass(kw_only=True)
@@ -237,9 +262,13 @@ class ScheduleConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    name: Literal["crossentropy", "focal"] = opt("crossentropy")
+    name: Literal["crossentropy", "focal", "dice", "ce_dice"] = opt(
+        "crossentropy", help="dice and ce_dice are for segmentation")
     label_smoothing: float = opt(0.0, min=0.0, max=0.5)
     class_weights: Literal["none", "inverse", "normalized", "sqrt_inverse"] = opt("none")
+    class_weights_file: str | None = opt(
+        None, help="segmentation: JSON cache of the pixel-count weights (computed once, then read)")
+    dice_weight: float = opt(1.0, min=0.0, help="ce_dice: weight of the Dice term")
     focal_gamma: float = opt(2.0, min=0.0)
     alpha: Literal["none", "neg_pos"] | float = opt(
         "none", help="multilabel per-class positive weight: neg/pos from training counts, or one value"
@@ -442,6 +471,11 @@ def _check_semantics(cfg: Config) -> None:
     """Cross-field rules that a type cannot express."""
     if cfg.task not in IMPLEMENTED_TASKS:
         raise ConfigError(f"task: {cfg.task!r} is planned but not implemented yet (available: {list(IMPLEMENTED_TASKS)})")
+    names = BACKBONE_NAMES + (("unet",) if cfg.task == "segmentation" else ())
+    if cfg.model.backbone not in names:
+        close = difflib.get_close_matches(cfg.model.backbone, names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(names)}"
+        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r} ({hint})")
     d = cfg.data
     if d.source == "chexpert" and cfg.task != "multilabel":
         raise ConfigError("data.source: 'chexpert' needs task 'multilabel'")
@@ -460,6 +494,8 @@ def _check_semantics(cfg: Config) -> None:
             raise ConfigError(f"data.oversample.factors.{cls}: expected a positive number, got {json.dumps(f)}")
     if d.source == "volumes" and (cfg.task != "segmentation" or not d.mask_column or not d.csv):
         raise ConfigError("data.source: 'volumes' needs task 'segmentation', data.csv and data.mask_column")
+    if cfg.train.loss.name in ("dice", "ce_dice") and cfg.task != "segmentation":
+        raise ConfigError(f"train.loss.name: {cfg.train.loss.name!r} is for task 'segmentation'")
     if cfg.task == "segmentation":
         if not d.mask_column:
             raise ConfigError("data.mask_column: required for task 'segmentation'")

@@ -19,6 +19,7 @@ from tfvision.callbacks import AtomicCheckpoint, LearningRateLogger, monitor_mod
 from tfvision.config import Config
 from tfvision.data.inputs import FileInputs, check_data
 from tfvision.data.pipeline import PipelineSpec, steps_for
+from tfvision.data.tfrecord import RecordInputs
 from tfvision.errors import ConfigError
 from tfvision.fileio import write_json
 from tfvision.models.backbones import get_spec, set_trainable
@@ -74,14 +75,18 @@ def _callbacks(cfg: Config, run_dir: Path, phase: int):
 
 def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2) -> int:
     task = get_task(cfg.task, cfg)
-    frame, report = check_data(cfg, run_dir, frame, missing, resuming)
+    records = RecordInputs(cfg, task) if cfg.data.source == "tfrecord" else None
+    if records:  # shards were decoded and checked at conversion; the report comes from the manifest
+        report = records.write_report(run_dir)
+    else:
+        frame, report = check_data(cfg, run_dir, frame, missing, resuming)
     if check_only:
         log.info("checked %d images, %d rejected; report in %s",
                  report["n_samples"] + report["n_rejected"], report["n_rejected"], run_dir / "data_report.json")
         return 0
 
     strategy = setup_runtime(cfg)
-    inputs = FileInputs(cfg, task, frame)
+    inputs = records or FileInputs(cfg, task, frame)
     class_names = inputs.class_names
     spec = PipelineSpec.from_config(cfg)
     stats = inputs.channel_stats(spec) if cfg.data.normalization == "dataset" else None
@@ -94,12 +99,14 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         "class_tiers": None if inputs.tiers is None else inputs.tiers.tolist(),
         "replicas": strategy.num_replicas_in_sync, "mixed_precision": cfg.train.mixed_precision,
         "oversampling": inputs.oversampling,
+        "medical": ({"windows": cfg.data.windows, "slice_axis": cfg.data.slice_axis}
+                    if cfg.data.source == "volumes" else None),
     })
 
     with strategy.scope():
         model = task.build_model(cfg, len(class_names), norm)
-    backbone = model.get_layer("backbone")
-    pattern = get_spec(cfg.model.backbone).stage_pattern
+    backbone = _backbone_of(model)
+    pattern = get_spec(cfg.model.backbone).stage_pattern if backbone is not None else None
     from tfvision.train import default_phases
 
     phases = default_phases(cfg)
@@ -120,13 +127,17 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         val_ds = inputs.dataset("val", pspec, training=False, format_batch=task.format_batch)
         steps = cfg.train.steps_per_epoch or steps_for(inputs.sizes["train"], pspec.batch_size, True)
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
+        if backbone is None and phase.trainable != "all":
+            raise ConfigError(f"train.phases[{i}].trainable: {cfg.model.backbone!r} has no pretrained "
+                              "backbone to freeze; use 'all'")
         with strategy.scope():
-            set_trainable(backbone, pattern, phase.trainable, phase.n_blocks)
+            if backbone is not None:
+                set_trainable(backbone, pattern, phase.trainable, phase.n_blocks)
             schedule = build_schedule(cfg.train.schedule, lr, steps * phase.epochs, steps)
             mult = cfg.train.optimizer.backbone_lr_mult if phase.trainable != "head" else 1.0
-            optimizer = build_optimizer(cfg.train.optimizer, schedule, backbone.trainable_variables, mult)
-            model.compile(optimizer=optimizer, loss=task.loss(cfg, inputs),
-                          metrics=task.metrics(len(class_names), class_names), jit_compile=False)
+            optimizer = build_optimizer(cfg.train.optimizer, schedule,
+                                        backbone.trainable_variables if backbone is not None else [], mult)
+            model.compile(optimizer=optimizer, jit_compile=False, **task.compile_args(cfg, inputs, model))
         log.info("phase %d/%d: epochs %d-%d, trainable=%s, lr=%g, size=%s, %d trainable weights",
                  i + 1, len(phases), start_epoch + 1, end_epoch, phase.trainable, lr, size,
                  len(model.trainable_weights))
@@ -143,6 +154,14 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
 
     finish(cfg, run_dir, task, model, inputs)
     return 0
+
+
+def _backbone_of(model: keras.Model):
+    """The nested pretrained encoder ("backbone"), or None (classic U-Net)."""
+    try:
+        return model.get_layer("backbone")
+    except ValueError:
+        return None
 
 
 def predict_logits(model: keras.Model, dataset) -> np.ndarray:
@@ -164,10 +183,10 @@ def finish(cfg, run_dir: Path, task, model, inputs):
         # compile=False: inference only; safe_mode stays on (only registered tfvision layers).
         model = keras.saving.load_model(best, compile=False)
     spec = PipelineSpec.from_config(cfg)
-    logits = predict_logits(model, inputs.dataset("val", spec, training=False))
-    summary = task.summarize(inputs.targets("val"), logits, inputs.class_names)
+    summary = task.score(model, inputs.dataset("val", spec, training=False, format_batch=task.format_batch),
+                         inputs, "val")
     metrics = {f"val_{k}": v for k, v in summary.items()}
-    metrics["n_val"] = int(len(logits))
+    metrics["n_val"] = int(inputs.sizes["val"])
     metrics["checkpoint"] = str(best.relative_to(run_dir)) if best.exists() else None
     write_json(run_dir / "metrics.json", metrics)
     history = pd.read_csv(run_dir / "history.csv")

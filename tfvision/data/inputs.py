@@ -68,7 +68,8 @@ class FileInputs(Inputs):
         targets, known = task.targets(self.frames["train"], self.class_names)
         self.counts = task.class_counts(targets, known)
         self.known_counts = (known > 0).sum(0) if known is not None else np.full(len(self.counts), len(targets))
-        self.weights = class_weights(self.counts, cfg.train.loss.class_weights)
+        self.weights = (class_weights(self.counts, cfg.train.loss.class_weights)
+                        if task.sample_class_weights else None)
         self.tiers = class_tiers(self.counts, cfg)
         self.sizes = {s: len(f) for s, f in self.frames.items()}
         self._samples = {s: self._make(f, train=s == "train") for s, f in self.frames.items() if len(f)}
@@ -79,7 +80,8 @@ class FileInputs(Inputs):
         targets, known = self.task.targets(frame, self.class_names)
         tiers = self.task.tiers(targets, self.tiers) if train and self.tiers is not None else None
         weights = (targets * self.weights).sum(1).astype(np.float32) if train and self.weights is not None else None
-        return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=weights)
+        return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=weights,
+                       mask_paths=self.task.mask_paths(frame))
 
     def _oversample(self, cfg: Config):
         s = self._samples["train"]

@@ -39,6 +39,8 @@ def input_norm(backbone: str, normalization: str, channels: int, stats=None) -> 
     if normalization == "dataset":
         mean, std = stats
         return InputNorm(tuple(mean), tuple(std))
+    if backbone == "unet":  # the classic U-Net has no pretrained statistics: centre on mid-grey
+        return InputNorm((127.5,) * channels, (127.5,) * channels)
     base = get_spec(backbone).norm
     if channels == 3:
         return base

@@ -12,6 +12,6 @@ TASKS = Registry("task")
 
 def get_task(name: str, cfg=None):
     """The task registered as `name`, configured by `cfg` (needed by multilabel)."""
-    from tfvision.tasks import classification, multilabel  # noqa: F401  (registers)
+    from tfvision.tasks import classification, multilabel, segmentation  # noqa: F401  (registers)
 
     return TASKS.get(name)(cfg)

@@ -11,6 +11,7 @@ from tfvision.config import Config
 class Task:
     name = "base"
     activation = "softmax"  # applied to logits by evaluate / predict / export
+    sample_class_weights = True  # class weights become per-sample weights in the pipeline
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg
@@ -46,5 +47,19 @@ class Task:
     def summarize(self, targets: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
         """Validation metrics for metrics.json (keys prefixed by the caller)."""
         raise NotImplementedError
+
+    def mask_paths(self, frame: pd.DataFrame) -> np.ndarray | None:
+        """Label images travelling with the images (segmentation)."""
+        return None
+
+    def compile_args(self, cfg: Config, inputs, model) -> dict:
+        """Keyword arguments for `model.compile` besides the optimizer."""
+        return {"loss": self.loss(cfg, inputs), "metrics": self.metrics(len(inputs.class_names), inputs.class_names)}
+
+    def score(self, model, dataset, inputs, split: str) -> dict:
+        """Validation summary of `model` on `split` (metrics.json, keys without the val_ prefix)."""
+        from tfvision.training import predict_logits
+
+        return self.summarize(inputs.targets(split), predict_logits(model, dataset), inputs.class_names)
 
     format_batch = None  # default (image, target[, weight])

@@ -1,0 +1,159 @@
+"""Segmentation metrics: per-class Dice and IoU, as Keras metrics and for numpy reports.
+
+Both accumulate per-class intersection and sizes over every pixel seen (the
+whole epoch), then divide once: the dataset-level Dice/IoU of each class, not
+a mean of per-batch values.
+
+Absent classes: a class that appears in neither truth nor prediction has no
+defined Dice or IoU (0/0). Reporting 1 would reward a model for classes the
+data never tested, and 0 would punish it; the numpy functions return None and
+the Keras metrics NaN for such a class, and the macro means skip it.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfvision.seg_losses import one_hot_and_valid
+
+
+class _OverlapScore(keras.metrics.Metric):
+    """Accumulates per-class |P & T|, |P| and |T| from logits and integer (or one-hot) masks."""
+
+    def __init__(self, num_classes, class_index=None, ignore_index=None, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        self.class_index = None if class_index is None else int(class_index)
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        shape = (self.num_classes,)
+        self.intersection = self.add_variable(shape, "zeros", name="intersection", dtype="float64")
+        self.predicted = self.add_variable(shape, "zeros", name="predicted", dtype="float64")
+        self.actual = self.add_variable(shape, "zeros", name="actual", dtype="float64")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        target, valid = one_hot_and_valid(y_true, self.num_classes, self.ignore_index)
+        pred = ops.one_hot(ops.argmax(y_pred, axis=-1), self.num_classes, dtype="float32") * valid
+        if sample_weight is not None:  # one weight per image
+            w = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1, 1))
+            target, pred = target * w, pred * w
+
+        def total(x):
+            return ops.cast(ops.sum(x, axis=(0, 1, 2)), "float64")
+
+        self.intersection.assign_add(total(target * pred))
+        self.predicted.assign_add(total(pred))
+        self.actual.assign_add(total(target))
+
+    def per_class(self):
+        """Per-class values [K]; NaN where the class was never seen nor predicted."""
+        raise NotImplementedError
+
+    def result(self):
+        scores = self.per_class()
+        if self.class_index is not None:
+            return ops.cast(scores[self.class_index], "float32")
+        present = ops.logical_not(ops.isnan(scores))
+        mean = ops.sum(ops.where(present, scores, 0.0)) / ops.sum(ops.cast(present, "float64"))
+        return ops.cast(mean, "float32")
+
+    def reset_state(self):
+        for v in (self.intersection, self.predicted, self.actual):
+            v.assign(ops.zeros_like(v))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "class_index": self.class_index, "ignore_index": self.ignore_index}
+
+
+def _ratio(num, den):
+    return ops.where(den > 0, num / ops.maximum(den, 1e-12), float("nan"))
+
+
+@keras.saving.register_keras_serializable(package="tfvision")
+class DiceScore(_OverlapScore):
+    """Dice (F1) of argmax predictions, macro over present classes or of `class_index`.
+
+    >>> m = DiceScore(num_classes=2)
+    >>> m.update_state(np.array([[[[0], [1]]]]), np.array([[[[5.0, 0.0], [5.0, 0.0]]]]))
+    >>> float(m.result())  # class 0: 2*1/(2+1); class 1: 0
+    0.333...
+
+    Args:
+        num_classes: K.
+        class_index: None for the macro mean, or the one class to report.
+        ignore_index: a label whose pixels are left out.
+    """
+
+    def __init__(self, num_classes, class_index=None, ignore_index=None, name="dice", **kwargs):
+        super().__init__(num_classes, class_index, ignore_index, name=name, **kwargs)
+
+    def per_class(self):
+        return _ratio(2.0 * self.intersection, self.predicted + self.actual)
+
+
+@keras.saving.register_keras_serializable(package="tfvision")
+class IoUScore(_OverlapScore):
+    """IoU (Jaccard) of argmax predictions, macro over present classes or of `class_index`.
+
+    Like `keras.metrics.MeanIoU`, but from logits, with per-class results and
+    absent classes left out of the mean rather than counted as 0.
+
+    Args: as in `DiceScore`.
+    """
+
+    def __init__(self, num_classes, class_index=None, ignore_index=None, name="iou", **kwargs):
+        super().__init__(num_classes, class_index, ignore_index, name=name, **kwargs)
+
+    def per_class(self):
+        return _ratio(self.intersection, self.predicted + self.actual - self.intersection)
+
+
+def per_class_metrics(num_classes: int, class_names=None, ignore_index=None) -> list[keras.metrics.Metric]:
+    """Macro Dice and IoU plus one Dice and one IoU per class (``dice_<name>``, ``iou_<name>``)."""
+    names = class_names or [str(k) for k in range(num_classes)]
+    out = [DiceScore(num_classes, ignore_index=ignore_index), IoUScore(num_classes, ignore_index=ignore_index)]
+    for k, n in enumerate(names):
+        out.append(DiceScore(num_classes, k, ignore_index, name=f"dice_{n}"))
+        out.append(IoUScore(num_classes, k, ignore_index, name=f"iou_{n}"))
+    return out
+
+
+def _overlaps(y_true, y_pred, num_classes, ignore_index):
+    t = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(y_pred).astype(np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} pixels, y_pred {p.size}")
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    t, p = t[keep], p[keep]
+    inter = np.bincount(t[t == p], minlength=num_classes)[:num_classes]
+    n_true = np.bincount(t, minlength=num_classes)[:num_classes]
+    n_pred = np.bincount(p[(p >= 0) & (p < num_classes)], minlength=num_classes)[:num_classes]
+    return inter, n_true, n_pred
+
+
+def dice_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -> list[float | None]:
+    """Dice of each class over all pixels of integer label arrays; None for an absent class.
+
+    >>> dice_per_class([0, 0, 1, 1], [0, 1, 1, 1], 3)
+    [0.666..., 0.8, None]
+    """
+    inter, n_true, n_pred = _overlaps(y_true_int, y_pred_int, num_classes, ignore_index)
+    den = n_true + n_pred
+    return [float(2 * i / d) if d else None for i, d in zip(inter, den, strict=True)]
+
+
+def iou_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -> list[float | None]:
+    """IoU of each class over all pixels of integer label arrays; None for an absent class."""
+    inter, n_true, n_pred = _overlaps(y_true_int, y_pred_int, num_classes, ignore_index)
+    union = n_true + n_pred - inter
+    return [float(i / u) if u else None for i, u in zip(inter, union, strict=True)]
+
+
+def macro(values) -> float | None:
+    """Mean over the classes that have a value (None when none has)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None

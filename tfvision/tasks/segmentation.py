@@ -1,0 +1,144 @@
+"""Semantic segmentation: one integer label per pixel, softmax over K classes.
+
+Masks come through the shared pipeline with their images (cropped, flipped,
+warped together, nearest-neighbour). Class weights are per *pixel* counts of
+the training masks, counted once and cached in a JSON file, as the radiomics
+notes learned the hard way. Validation scores are accumulated batch by batch
+(per-class Dice and IoU), so no full-set logit tensor is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tfvision.config import Config
+from tfvision.tasks import TASKS
+from tfvision.tasks.base import Task
+
+
+@TASKS.register("segmentation")
+class Segmentation(Task):
+    name = "segmentation"
+    activation = "softmax"
+    sample_class_weights = False  # weights live in the loss, per pixel
+
+    def __init__(self, cfg: Config | None = None):
+        self.cfg = cfg
+        self.output_names = ["logits"]
+
+    def class_names(self, frame, cfg):
+        return list(cfg.data.class_names)
+
+    def targets(self, frame, class_names):
+        return np.zeros((len(frame), 1), np.float32), None  # the mask is the target
+
+    def mask_paths(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame["mask"].to_numpy()
+
+    def tiers(self, targets, class_tier):
+        return np.zeros(len(targets), np.int32)
+
+    def build_model(self, cfg, num_classes, norm):
+        from tfvision.models.unet import build_segmentation_model
+
+        u = cfg.model.unet
+        model = build_segmentation_model(
+            "unet", cfg.model.backbone, cfg.data.channels, num_classes, norm, cfg.model.weights,
+            base_filters=u.base_filters, depth=u.depth, decoder_filters=tuple(u.decoder_filters),
+            upsampling=u.upsampling, attention=u.attention, deep_supervision=u.deep_supervision,
+            norm_layer=u.norm, groups=u.groups, dropout=u.dropout,
+        )
+        self.output_names = list(model.output_names)
+        return model
+
+    def class_weights(self, cfg, inputs):
+        from tfvision.seg_losses import load_or_compute_class_weights, pixel_class_counts
+
+        mode = cfg.train.loss.class_weights
+        if mode == "none":
+            return None
+        masks = sorted(inputs.frames["train"]["mask"])
+        key = hashlib.sha256("\n".join(masks).encode()).hexdigest()[:16]
+        cache = cfg.train.loss.class_weights_file or str(Path(cfg.data.root) / ".tfvision_class_weights.json")
+
+        def count():
+            from PIL import Image
+
+            return pixel_class_counts((np.asarray(Image.open(m)) for m in masks), len(inputs.class_names))
+
+        return load_or_compute_class_weights(cache, count, mode, key=key)
+
+    def loss(self, cfg, inputs=None):
+        from tfvision import seg_losses as L
+
+        k = len(inputs.class_names)
+        w = self.class_weights(cfg, inputs)
+        w = None if w is None else [float(x) for x in w]
+        lc = cfg.train.loss
+        if lc.name == "dice":
+            return L.SoftDice(k)
+        if lc.name == "ce_dice":
+            return L.CEPlusDice(k, class_weights=w, dice_weight=lc.dice_weight)
+        if lc.name == "focal":
+            return L.SegmentationFocalLoss(k, gamma=lc.focal_gamma)
+        return L.WeightedCrossEntropy(k, class_weights=w)
+
+    def metrics(self, num_classes, class_names=None):
+        from tfvision.seg_metrics import per_class_metrics
+
+        return per_class_metrics(num_classes, [_slug(c) for c in class_names or []] or None)
+
+    def compile_args(self, cfg, inputs, model) -> dict:
+        loss = self.loss(cfg, inputs)
+        metrics = self.metrics(len(inputs.class_names), inputs.class_names)
+        if len(self.output_names) == 1:
+            return {"loss": loss, "metrics": metrics}
+        from tfvision.seg_losses import deep_supervision_losses
+
+        losses, weights = deep_supervision_losses(loss, self.output_names)
+        return {"loss": losses, "loss_weights": weights, "metrics": {"logits": metrics}}
+
+    def format_batch(self, batch):
+        mask = batch["mask"]
+        y = mask if len(self.output_names) == 1 else {n: mask for n in self.output_names}
+        return batch["image"], y
+
+    def score(self, model, dataset, inputs, split) -> dict:
+        """Per-class Dice and IoU over the whole split, accumulated per batch."""
+        import tensorflow as tf
+
+        from tfvision.seg_metrics import macro
+
+        k = len(inputs.class_names)
+        confusion = np.zeros((k, k), np.int64)
+
+        @tf.function(reduce_retracing=True)
+        def predict(x):
+            out = model(x, training=False)
+            out = out[0] if isinstance(out, (list, tuple)) else out["logits"] if isinstance(out, dict) else out
+            return tf.argmax(out, axis=-1, output_type=tf.int32)
+
+        for x, y in dataset:
+            y = y["logits"] if isinstance(y, dict) else y
+            t = np.asarray(y).reshape(-1)
+            p = predict(x).numpy().reshape(-1)
+            ok = (t >= 0) & (t < k)
+            confusion += np.bincount(t[ok] * k + p[ok], minlength=k * k).reshape(k, k)
+        inter = np.diag(confusion).astype(np.float64)
+        actual, predicted = confusion.sum(1), confusion.sum(0)
+        present = (actual + predicted) > 0  # a class absent from truth and prediction is not scored
+        dice = [float(2 * i / (a + p)) if ok else None for i, a, p, ok in zip(inter, actual, predicted, present,
+                                                                               strict=True)]
+        iou = [float(i / (a + p - i)) if ok else None for i, a, p, ok in zip(inter, actual, predicted, present,
+                                                                               strict=True)]
+        names = inputs.class_names
+        return {"dice_macro": macro(dice), "dice_per_class": dict(zip(names, dice, strict=True)),
+                "iou_macro": macro(iou), "iou_per_class": dict(zip(names, iou, strict=True))}
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
