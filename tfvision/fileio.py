@@ -48,3 +48,28 @@ def _default(o):
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+def build_dir(final: str | os.PathLike, build, marker: str) -> Path:
+    """Create folder `final` once: `build(tmp)` fills a temporary sibling, which then
+    replaces `final`. `marker` (a file `build` writes last) says a folder is complete, so
+    a folder left by a killed build is rebuilt rather than trusted."""
+    import shutil
+    import tempfile
+
+    final = Path(final)
+    if (final / marker).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        if not (tmp / marker).exists():
+            raise RuntimeError(f"building {final} did not write {marker}")  # a bug in `build`
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final

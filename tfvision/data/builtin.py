@@ -8,9 +8,9 @@ layout. Written once, atomically: a half-written folder never looks finished.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from tfvision.fileio import build_dir
 
 PREPARERS = {}
 
@@ -42,18 +42,8 @@ def sklearn_digits(root: Path, size: int = 32) -> None:
 
 def prepare(name: str, root: str | os.PathLike) -> Path:
     """Build dataset `name` into `root` unless it is already there."""
-    root = Path(root)
-    if (root / ".complete").exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+    def build(tmp: Path):
         PREPARERS[name](tmp)
         (tmp / ".complete").write_text(name + "\n")
-        if root.exists():  # an interrupted earlier attempt
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+
+    return build_dir(root, build, ".complete")

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tfvision.errors import DataError
+from tfvision.fileio import build_dir
 from tfvision.medical import windowing
 from tfvision.medical.png import write_png
 
@@ -118,18 +116,9 @@ def volume_to_slices(image_path, mask_path, out_dir, patient: str, windows: list
 def slice_cache(root: Path, key: dict, build) -> Path:
     """Build slices once into ``root/.tfvision_slices/<hash of key>`` (atomically) and reuse them."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    final = Path(root) / ".tfvision_slices" / digest
-    if (final / "slices.csv").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=final.parent))
-    try:
+
+    def build_all(tmp: Path):
         build(tmp)
-        (tmp / "key.json").write_text(json.dumps(key, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+        (tmp / "key.json").write_text(json.dumps(key, indent=2, default=str))  # written last: the marker
+
+    return build_dir(Path(root) / ".tfvision_slices" / digest, build_all, "key.json")
