@@ -22,12 +22,15 @@ from tfvision.seg_losses import one_hot_and_valid
 class _OverlapScore(keras.metrics.Metric):
     """Accumulates per-class |P & T|, |P| and |T| from logits and integer (or one-hot) masks."""
 
-    def __init__(self, num_classes, class_index=None, ignore_index=None, name=None, **kwargs):
+    def __init__(self, num_classes, class_index=None, ignore_index=None, include_background=True,
+                 name=None, **kwargs):
         super().__init__(name=name, **kwargs)
         self.num_classes = int(num_classes)
         self.class_index = None if class_index is None else int(class_index)
         self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.include_background = bool(include_background)
         shape = (self.num_classes,)
+        # float64: float32 counts stop being exact past 2**24 pixels (~64 CT slices of 512x512).
         self.intersection = self.add_variable(shape, "zeros", name="intersection", dtype="float64")
         self.predicted = self.add_variable(shape, "zeros", name="predicted", dtype="float64")
         self.actual = self.add_variable(shape, "zeros", name="actual", dtype="float64")
@@ -54,6 +57,8 @@ class _OverlapScore(keras.metrics.Metric):
         scores = self.per_class()
         if self.class_index is not None:
             return ops.cast(scores[self.class_index], "float32")
+        if not self.include_background:
+            scores = scores[1:]
         present = ops.logical_not(ops.isnan(scores))
         mean = ops.sum(ops.where(present, scores, 0.0)) / ops.sum(ops.cast(present, "float64"))
         return ops.cast(mean, "float32")
@@ -64,7 +69,8 @@ class _OverlapScore(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
-                "class_index": self.class_index, "ignore_index": self.ignore_index}
+                "class_index": self.class_index, "ignore_index": self.ignore_index,
+                "include_background": self.include_background}
 
 
 def _ratio(num, den):
@@ -84,10 +90,12 @@ class DiceScore(_OverlapScore):
         num_classes: K.
         class_index: None for the macro mean, or the one class to report.
         ignore_index: a label whose pixels are left out.
+        include_background: whether class 0 enters the macro mean.
     """
 
-    def __init__(self, num_classes, class_index=None, ignore_index=None, name="dice", **kwargs):
-        super().__init__(num_classes, class_index, ignore_index, name=name, **kwargs)
+    def __init__(self, num_classes, class_index=None, ignore_index=None, include_background=True,
+                 name="dice", **kwargs):
+        super().__init__(num_classes, class_index, ignore_index, include_background, name=name, **kwargs)
 
     def per_class(self):
         return _ratio(2.0 * self.intersection, self.predicted + self.actual)
@@ -103,17 +111,20 @@ class IoUScore(_OverlapScore):
     Args: as in `DiceScore`.
     """
 
-    def __init__(self, num_classes, class_index=None, ignore_index=None, name="iou", **kwargs):
-        super().__init__(num_classes, class_index, ignore_index, name=name, **kwargs)
+    def __init__(self, num_classes, class_index=None, ignore_index=None, include_background=True,
+                 name="iou", **kwargs):
+        super().__init__(num_classes, class_index, ignore_index, include_background, name=name, **kwargs)
 
     def per_class(self):
         return _ratio(self.intersection, self.predicted + self.actual - self.intersection)
 
 
-def per_class_metrics(num_classes: int, class_names=None, ignore_index=None) -> list[keras.metrics.Metric]:
-    """Macro Dice and IoU plus one Dice and one IoU per class (``dice_<name>``, ``iou_<name>``)."""
+def per_class_metrics(num_classes: int, class_names=None, ignore_index=None,
+                      include_background=True) -> list[keras.metrics.Metric]:
+    """Macro ``dice`` and ``iou`` plus one Dice and one IoU per class (``dice_<name>``, ``iou_<name>``)."""
     names = class_names or [str(k) for k in range(num_classes)]
-    out = [DiceScore(num_classes, ignore_index=ignore_index), IoUScore(num_classes, ignore_index=ignore_index)]
+    out = [DiceScore(num_classes, None, ignore_index, include_background),
+           IoUScore(num_classes, None, ignore_index, include_background)]
     for k, n in enumerate(names):
         out.append(DiceScore(num_classes, k, ignore_index, name=f"dice_{n}"))
         out.append(IoUScore(num_classes, k, ignore_index, name=f"iou_{n}"))
@@ -153,7 +164,7 @@ def iou_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -
     return [float(i / u) if u else None for i, u in zip(inter, union, strict=True)]
 
 
-def macro(values) -> float | None:
+def macro(values, include_background=True) -> float | None:
     """Mean over the classes that have a value (None when none has)."""
-    present = [v for v in values if v is not None]
+    present = [v for v in values[0 if include_background else 1:] if v is not None]
     return float(np.mean(present)) if present else None

@@ -240,4 +240,4 @@ def main_output_model(model: keras.Model) -> keras.Model:
     """The same model (shared weights) with only its ``logits`` output, for inference and export."""
     if len(model.outputs) == 1:
         return model
-    return keras.Model(model.inputs, model.get_layer("logits").output, name=model.name)
+    return keras.Model(model.input, model.get_layer("logits").output, name=model.name)
