@@ -151,3 +151,28 @@ def test_demo_config_reaches_090(tmp_path):
                 "--set", f"data.root={tmp_path / 'digits'}", "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["val_accuracy"] >= 0.90
+
+
+def test_progressive_resizing_plateau_focal_tiers_and_dataset_norm(small_digits, tmp_path):
+    """One short run through the less common switches; each leaves a trace in the run folder."""
+    from tfvision.train import main
+
+    cfg = config(small_digits, tmp_path,
+                 phases=[{"epochs": 1, "trainable": "all", "image_size": 24},
+                         {"epochs": 2, "trainable": "last_n_blocks", "n_blocks": 2, "image_size": 32}],
+                 optimizer={"name": "sgd", "lr": 0.05, "backbone_lr_mult": 0.5},
+                 schedule={"name": "plateau", "plateau_patience": 0, "plateau_factor": 0.5},
+                 loss={"name": "focal", "class_weights": "inverse"},
+                 early_stopping={"patience": 5}, monitor="val_loss")
+    raw = json.loads(cfg.read_text())
+    raw["data"]["normalization"] = "dataset"
+    raw["augment"]["tiers"] = {"enabled": True, "thresholds": [25, 30]}
+    cfg.write_text(json.dumps(raw))
+    run = tmp_path / "run"
+    assert main(["--config", str(cfg), "--output-dir", str(run), "--quiet"]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["normalization"]["mean"][0] > 1.0  # measured on the digits, not ImageNet's
+    assert set(info["class_tiers"]) <= {0, 1, 2} and len(info["class_tiers"]) == 10
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert (history["lr"] <= 0.05 + 1e-9).all()
