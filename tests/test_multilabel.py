@@ -202,3 +202,13 @@ def test_multilabel_run_end_to_end_with_masked_metrics(small_digits, tmp_path):
         per[c] = roc_auc_score(raw[c][ok].astype(int), logits[ok, j])
         assert metrics["val_roc_auc_per_class"][c] == pytest.approx(per[c], abs=1e-6)
     assert metrics["val_roc_auc"] == pytest.approx(np.mean(list(per.values())), abs=1e-6)
+
+
+def test_split_lists_keep_multilabel_columns_for_resume(tmp_path):
+    from tfvision.run import read_splits, write_splits
+
+    frame = pd.DataFrame({"path": ["a", "b"], "label": ["x", "none"], "group": ["p1", "p2"],
+                          "split": ["train", "val"], "y:x": ["1", "-1"], "y:z": ["", "0"]})
+    write_splits(tmp_path, frame)
+    back = read_splits(tmp_path)
+    assert back.sort_values("path").reset_index(drop=True)[frame.columns.tolist()].equals(frame)

@@ -65,7 +65,16 @@ def test_check_lists_every_broken_file_with_a_reason(odd_images):
     bad = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in check_files(paths, 3, progress=False)}
     assert set(bad) == {"truncated.jpg", "empty.jpg", "text.png"}
     assert bad["empty.jpg"] == "empty file"
-    assert "jpeg" in bad["truncated.jpg"].lower() and bad["text.png"]
+    assert "jpeg" in bad["truncated.jpg"].lower()
+    assert bad["text.png"].startswith("Unknown image file format") and not bad["text.png"].endswith("name:")
+
+
+def test_tiny_files_decode(tmp_path):
+    """Files shorter than the DICOM preamble (132 bytes) still decode."""
+    path = tmp_path / "one.png"
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(path)
+    assert path.stat().st_size < 132
+    np.testing.assert_array_equal(decode(read(path), 3).numpy(), np.full((1, 1, 3), 200.0))
 
 
 # --------------------------------------------------------------------------- augment

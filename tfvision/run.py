@@ -70,8 +70,9 @@ def load_run_config(run_dir: Path) -> Config:
 def write_splits(run_dir: Path, frame: pd.DataFrame) -> None:
     from tfvision.fileio import write_text
 
+    columns = [c for c in frame.columns if c != "split"]  # keeps y:<class> and mask columns too
     for name in ("train", "val", "test"):
-        part = frame[frame["split"] == name][["path", "label", "group"]]
+        part = frame[frame["split"] == name][columns]
         if len(part):
             write_text(run_dir / "splits" / f"{name}.csv", part.to_csv(index=False))
 

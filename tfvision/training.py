@@ -125,6 +125,9 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         # (ignore_errors), and Keras would otherwise find each epoch's end by running dry.
         train_ds = inputs.dataset("train", pspec, training=True, repeat=True, format_batch=task.format_batch)
         val_ds = inputs.dataset("val", pspec, training=False, format_batch=task.format_batch)
+        # Known length: without it Keras discovers the end of the (ignore_errors, so
+        # unknown-cardinality) validation set by running dry, and warns about it.
+        val_steps = steps_for(inputs.sizes["val"], pspec.batch_size, False)
         steps = cfg.train.steps_per_epoch or steps_for(inputs.sizes["train"], pspec.batch_size, True)
         lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
         if backbone is None and phase.trainable != "all":
@@ -144,7 +147,8 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         model._initial_epoch = None  # BackupAndRestore leaves this set from an earlier phase
         history = model.fit(
             train_ds, validation_data=val_ds, epochs=end_epoch, initial_epoch=start_epoch,
-            steps_per_epoch=steps, callbacks=_callbacks(cfg, run_dir, i), verbose=verbose, shuffle=False,
+            steps_per_epoch=steps, validation_steps=val_steps, callbacks=_callbacks(cfg, run_dir, i),
+            verbose=verbose, shuffle=False,
         )
         if any(np.isnan(v).any() for v in history.history.values() if v):
             raise RuntimeError("training diverged (NaN loss); TerminateOnNaN stopped it")

@@ -42,7 +42,10 @@ def _png_shape(data: tf.Tensor) -> tf.Tensor:
 
 
 def is_dicom(data: tf.Tensor) -> tf.Tensor:
-    return tf.equal(tf.strings.substr(data, 128, 4), b"DICM")
+    # substr past the end raises, and tf.case evaluates every predicate: pad a short
+    # prefix first so files under 132 bytes are simply "not DICOM".
+    head = tf.strings.join([tf.strings.substr(data, 0, 132), b"\0" * 132])
+    return tf.equal(tf.strings.substr(head, 128, 4), b"DICM")
 
 
 def dicom_display(data: bytes) -> np.ndarray:
@@ -203,4 +206,5 @@ def describe_error(exc: Exception) -> str:
     msg = getattr(exc, "message", None) or str(exc)
     msg = re.sub(r"\{\{[^}]*\}\}", "", msg)
     msg = re.sub(r"\[Op:[^\]]*\]", "", msg)
+    msg = re.sub(r"\s*name:\s*$", "", msg.strip())
     return " ".join(msg.split()) or type(exc).__name__

@@ -81,10 +81,12 @@ def _small_cnn(include_top, weights, input_shape, width=32):
     for i in range(4):
         f = width * 2**i
         x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv1")(x)
-        x = keras.layers.BatchNormalization(name=f"block{i + 1}_bn1")(x)
+        # momentum 0.9 (Keras default 0.99): short runs on small data otherwise leave the
+        # moving statistics near their initial values and inference collapses to chance.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i + 1}_bn1")(x)
         x = keras.layers.Activation("relu", name=f"block{i + 1}_relu1")(x)
         x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv2")(x)
-        x = keras.layers.BatchNormalization(name=f"block{i + 1}_bn2")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i + 1}_bn2")(x)
         x = keras.layers.Activation("relu", name=f"block{i + 1}_relu2")(x)
         if i < 3:
             x = keras.layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
