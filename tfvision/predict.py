@@ -1,0 +1,193 @@
+"""Predict with a trained run: ``python -m tfvision.predict --run RUN_DIR (--image PATH | --input-dir DIR)``.
+
+Loads the model with its preprocessing (inside the model), the temperature from
+calibration.json and the decision rule from thresholds.json (both written by
+`tfvision.evaluate`; without them: temperature 1 and argmax / 0.5 per label).
+One image: prints the top classes with their probabilities. A folder: writes a
+CSV, atomically. An unreadable image gets its reason in the ``error`` column
+(and on stderr); the others are still predicted.
+
+CSV layouts (``--format``):
+    default       path, pred, prob_<class>..., error
+    kaggle-class  <id>, <label column>     (id = file name without extension)
+    kaggle-probs  <id>, <class>...         (one probability column per class)
+Kaggle layouts leave unreadable images out (a submission has no error column).
+
+Exit codes: 0 success (some images may be unreadable), 2 run/usage error or
+nothing readable, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tfvision.errors import UserError
+
+log = logging.getLogger("tfvision.predict")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tfvision.predict",
+        description="Predict images with a trained run. Exit 0 ok, 2 run/usage error, 1 other.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image: print its top classes")
+    src.add_argument("--input-dir", help="a folder of images (searched recursively): write a CSV")
+    p.add_argument("--output", help="CSV to write (default predictions.csv for --input-dir)")
+    p.add_argument("--tta", default="1", help="N views (1 = none) or comma-separated view names")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR", help="more runs to average with")
+    p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
+    p.add_argument("--gradcam-layer", help="backbone layer for Grad-CAM (default: its last 4-D output)")
+    p.add_argument("--format", choices=["default", "kaggle-class", "kaggle-probs"], default="default")
+    p.add_argument("--id-column", default="id", help="id column name of the Kaggle layouts")
+    p.add_argument("--label-column", default="label", help="class column name of kaggle-class")
+    p.add_argument("--top", type=int, default=5, help="classes printed for --image")
+    p.add_argument("--batch-size", type=int, default=32)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return predict(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def list_images(folder) -> list[str]:
+    """Image files under `folder` (recursive, sorted; hidden files skipped)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--input-dir: {root} is not a folder")
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if not files:
+        raise UserError(f"--input-dir: no {'/'.join(sorted(IMAGE_SUFFIXES))} files under {root}")
+    return [str(p) for p in sorted(files)]
+
+
+def predict(args) -> int:
+    from tfvision import inference
+
+    ens = inference.Ensemble([inference.load_run(args.run)] + [inference.load_run(d) for d in args.ensemble],
+                             inference.tta_views(args.tta))
+    run = ens.main
+    if run.task not in ("classification", "multilabel"):
+        raise UserError(f"predict: task {run.task!r} is not supported yet (classification, multilabel)")
+    _check_tuning(ens)
+    paths = [args.image] if args.image else list_images(args.input_dir)
+    probs, errors = inference.predict_files(ens, paths, args.batch_size)
+    ok = np.array([not e for e in errors])
+    preds = [""] * len(paths)
+    if ok.any():
+        decision = run.decision
+        if decision and decision.get("kind") == "distribution" and ok.sum() < 2 * len(run.class_names):
+            # Quotas over a handful of images force classes regardless of the evidence.
+            log.warning("note: %d image(s) are too few to match the class distribution; using argmax",
+                        int(ok.sum()))
+            decision = {"kind": "argmax"}
+        decided = inference.decide(probs[ok], run.activation, decision)
+        for j, d in zip(np.flatnonzero(ok), decided, strict=True):
+            preds[j] = _label(d, run.class_names)
+    for path, err in zip(paths, errors, strict=True):
+        if err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+    if args.image:
+        _print_top(paths[0], probs[0], preds[0], run.class_names, args.top, ok[0])
+    output = args.output or (None if args.image else "predictions.csv")
+    if output:
+        frame = table(paths, preds, probs, errors, run.class_names, args.format, args.id_column, args.label_column)
+        from tfvision.fileio import write_text
+
+        write_text(output, frame.to_csv(index=False))
+        log.info("wrote %d predictions to %s (%d unreadable)", int(ok.sum()), output, int((~ok).sum()))
+    if args.gradcam and ok.any():
+        n = write_gradcams(run, [p for p, good in zip(paths, ok, strict=True) if good], args.gradcam,
+                           probs[ok], args.gradcam_layer, args.batch_size)
+        log.info("wrote %d Grad-CAM overlays to %s", n, args.gradcam)
+    return 0 if ok.any() else 2
+
+
+def _label(decided, class_names) -> str:
+    if np.ndim(decided):  # multi-label: every class over its threshold
+        return ";".join(c for c, on in zip(class_names, decided, strict=True) if on)
+    return class_names[int(decided)]
+
+
+def _check_tuning(ens) -> None:
+    """Warn when the saved temperature/thresholds were tuned under other TTA views or members."""
+    d = ens.main.decision
+    if not d:
+        return
+    others = [str(r.run_dir) for r in ens.runs[1:]]
+    if d.get("tta") != ens.views or d.get("ensemble", []) != others:
+        log.warning("note: thresholds.json was tuned with TTA %s and ensemble %s; predicting with %s and %s",
+                    d.get("tta"), d.get("ensemble", []), ens.views, others)
+
+
+def _print_top(path, probs, pred, class_names, top, ok) -> None:
+    if not ok:
+        return
+    print(f"{path}: {pred or '(no label over its threshold)'}")
+    for c in np.argsort(-probs, kind="stable")[:top]:
+        print(f"  {class_names[c]:<24} {probs[c]:.4f}")
+
+
+def table(paths, preds, probs, errors, class_names, fmt="default", id_column="id", label_column="label"):
+    """The output CSV as a DataFrame in the chosen layout."""
+    import pandas as pd
+
+    prob_cols = {f"prob_{c}": probs[:, i] for i, c in enumerate(class_names)}
+    if fmt == "default":
+        return pd.DataFrame({"path": paths, "pred": preds, **prob_cols, "error": errors})
+    ok = np.array([not e for e in errors])
+    ids = [Path(p).stem for p, good in zip(paths, ok, strict=True) if good]
+    if fmt == "kaggle-class":
+        return pd.DataFrame({id_column: ids, label_column: [p for p, good in zip(preds, ok, strict=True) if good]})
+    if fmt == "kaggle-probs":
+        return pd.DataFrame({id_column: ids, **{c: probs[ok, i] for i, c in enumerate(class_names)}})
+    raise UserError(f"--format: unknown layout {fmt!r}")
+
+
+def write_gradcams(run, paths, out_dir, probs, layer=None, batch_size: int = 32) -> int:
+    """One ``<name>_gradcam.png`` per image, for its most probable class, over the original image.
+
+    ``<name>`` is the image's path below the folder all images share, "/" written "__".
+    """
+    import tensorflow as tf
+
+    from tfvision.data.decode import decode
+    from tfvision.gradcam import GradCAM, save_overlay
+    from tfvision.inference import image_dataset, image_spec
+
+    cam = GradCAM(run.model, layer)
+    out = Path(out_dir)
+    classes = probs.argmax(axis=1).astype(np.int32)
+    # Names relative to the folder the images share, so that a/x.png and b/x.png do not collide.
+    root = Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
+    n = 0
+    for images, index in image_dataset(paths, image_spec(run, batch_size)):
+        index = index.numpy()
+        heat, _ = cam(images, classes[index])
+        for h, j in zip(heat, index, strict=True):
+            original = decode(tf.io.read_file(paths[j]), run.channels).numpy()
+            name = "__".join(Path(paths[j]).relative_to(root).with_suffix("").parts)
+            save_overlay(out / f"{name}_gradcam.png", original, h)
+            n += 1
+    return n
+
+
+if __name__ == "__main__":
+    sys.exit(main())
