@@ -95,6 +95,16 @@ def test_unet_learns_the_brain_mask_and_writes_a_nifti(mni, tmp_path):
     info = json.loads((run / "run.json").read_text())
     model = keras.saving.load_model(run / "checkpoints" / "best.keras", compile=False)
     out = predict_volume(model, info, mni / "p0_ct.nii.gz", tmp_path / "p0_pred.nii.gz")
+    from tfvision.predict import main as predict_main
+
+    cli_out = tmp_path / "cli_mask.nii.gz"
+    assert predict_main(["--run", str(run), "--volume", str(mni / "p0_ct.nii.gz"), "--output", str(cli_out)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(cli_out).dataobj), np.asarray(nib.load(out).dataobj))
+
+    from tfvision.evaluate import evaluate
+
+    scores = json.loads((evaluate(run, "val") / "metrics.json").read_text())
+    assert scores["dice_macro"] == pytest.approx(metrics["val_dice_macro"], abs=1e-9)  # same checkpoint, same data
     pred, src = nib.load(out), nib.load(mni / "p0_ct.nii.gz")
     assert pred.shape == src.shape
     np.testing.assert_allclose(pred.affine, src.affine)

@@ -139,6 +139,8 @@ def evaluate(run_dir, split: str = "val", tta=None, ensemble=(), ordinal: bool =
     views = inference.tta_views(tta)
     ens = inference.Ensemble([inference.load_run(run_dir)] + [inference.load_run(d) for d in ensemble], views)
     main_run = ens.main
+    if main_run.task == "segmentation":
+        return evaluate_segmentation(run_dir, main_run, split, batch_size)
     if main_run.task not in SCORERS:
         raise UserError(f"evaluate: task {main_run.task!r} has no evaluator yet (available: {sorted(SCORERS)}); "
                         "segmentation metrics (Dice, IoU per class) are planned")
@@ -193,6 +195,42 @@ def evaluate(run_dir, split: str = "val", tta=None, ensemble=(), ordinal: bool =
     write_report(out / "report.md", run_dir, cfg, inputs, main_run, metrics, plots, split)
     log.info("%s (%d images): %s; temperature %.3f", split, metrics["n"], scorer.headline(metrics), temperature)
     return out
+
+
+def evaluate_segmentation(run_dir: Path, run, split: str, batch_size: int | None) -> Path:
+    """Per-class Dice and IoU on `split`, accumulated batch by batch (the task's own scorer)."""
+    from tfvision.data.pipeline import PipelineSpec
+    from tfvision.fileio import write_json, write_text
+    from tfvision.run import load_run_config
+    from tfvision.tasks import get_task
+
+    cfg = load_run_config(run_dir)
+    task = get_task(cfg.task, cfg)
+    task.output_names = ["logits"]  # score the main output; aux heads are training-only
+    inputs = eval_inputs(cfg, task, run_dir)
+    if not inputs.sizes.get(split):
+        raise UserError(f"--split {split}: {run_dir} has no {split} slices")
+    spec = PipelineSpec.from_config(cfg)
+    spec.batch_size = batch_size or cfg.train.batch_size
+    scores = task.score(run.model, inputs.dataset(split, spec, training=False, format_batch=task.format_batch),
+                        inputs, split)
+    out = run_dir / "eval" / split
+    metrics = {"run": str(run_dir), "split": split, "n": int(inputs.sizes[split]), "task": "segmentation", **scores}
+    write_json(out / "metrics.json", metrics)
+    rows = ["| class | Dice | IoU |", "|---|---|---|"] + [
+        f"| {c} | {_fmt(scores['dice_per_class'][c])} | {_fmt(scores['iou_per_class'][c])} |"
+        for c in inputs.class_names]
+    write_text(out / "report.md", "\n".join([
+        f"# Segmentation evaluation: {run_dir.name}, {split} ({metrics['n']} slices)", "",
+        f"Macro Dice {_fmt(scores['dice_macro'])}, macro IoU {_fmt(scores['iou_macro'])} "
+        "(classes absent from both truth and prediction are left out of the means).", "", *rows, ""]))
+    log.info("%s (%d slices): dice_macro=%s iou_macro=%s", split, metrics["n"], _fmt(scores["dice_macro"]),
+             _fmt(scores["iou_macro"]))
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def fit_temperature(scorer, logits: np.ndarray, y, activation: str, bounds=(0.01, 100.0)) -> float:

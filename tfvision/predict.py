@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image: print its top classes")
     src.add_argument("--input-dir", help="a folder of images (searched recursively): write a CSV")
+    src.add_argument("--volume", help="segmentation: a NIfTI volume or DICOM series folder; --output is "
+                     "the NIfTI label volume to write (default <volume>_mask.nii.gz)")
     p.add_argument("--output", help="CSV to write (default predictions.csv for --input-dir)")
     p.add_argument("--tta", default="1", help="N views (1 = none) or comma-separated view names")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR", help="more runs to average with")
@@ -84,6 +86,8 @@ def predict(args) -> int:
     ens = inference.Ensemble([inference.load_run(args.run)] + [inference.load_run(d) for d in args.ensemble],
                              inference.tta_views(args.tta))
     run = ens.main
+    if args.volume or run.task == "segmentation":
+        return predict_volume(run, args)
     if run.task not in ("classification", "multilabel"):
         raise UserError(f"predict: task {run.task!r} is not supported yet (classification, multilabel)")
     _check_tuning(ens)
@@ -118,6 +122,25 @@ def predict(args) -> int:
                            probs[ok], args.gradcam_layer, args.batch_size)
         log.info("wrote %d Grad-CAM overlays to %s", n, args.gradcam)
     return 0 if ok.any() else 2
+
+
+def predict_volume(run, args) -> int:
+    """Segment a whole volume into a NIfTI label volume with the input's shape and affine."""
+    from pathlib import Path
+
+    from tfvision.medical.volume_inference import predict_volume as segment
+
+    if run.task != "segmentation" or not args.volume:
+        raise UserError("predict: --volume goes with a segmentation run, and a segmentation run needs --volume")
+    if not run.info.get("medical"):
+        raise UserError(f"{args.run}: trained on 2D images, not volumes; there is no slicing recipe to apply")
+    src = Path(args.volume)
+    if not src.exists():
+        raise UserError(f"--volume: {src} does not exist")
+    out = Path(args.output) if args.output else src.with_name(src.name.split(".")[0] + "_mask.nii.gz")
+    segment(run.model, run.info, src, out, batch_size=args.batch_size)
+    print(f"wrote {out}")
+    return 0
 
 
 def _label(decided, class_names) -> str:
