@@ -92,29 +92,42 @@ def _geo_only(**kw):
     return dataclasses.replace(OFF, **kw)
 
 
+def _augment_each(image, mask, params: AugmentParams, seed=0):
+    """Run augment_image on every image of a batch, eagerly."""
+    table = aug.param_table([params])
+    plan = aug.Plan.from_tiers([params])
+    outs = [aug.augment_image({"image": tf.constant(image[i]), "mask": tf.constant(mask[i])}, table[0],
+                              tf.constant([seed, i]), plan) for i in range(len(image))]
+    return np.stack([o["image"].numpy() for o in outs]), np.stack([o["mask"].numpy() for o in outs])
+
+
 def test_augment_eager_equals_dataset_map():
     image, mask = _batch()
-    table = aug.param_table([AugmentParams(blur_p=0.5, erase_p=0.5)])
-    batch = {"image": tf.constant(image), "mask": tf.constant(mask),
-             "params": tf.gather(table, [0, 0, 0, 0]), "seed": tf.constant([3, 4])}
-    eager = aug.augment_batch(dict(batch))
-    mapped = next(iter(tf.data.Dataset.from_tensors(batch).map(aug.augment_batch)))
-    for k in ("image", "mask"):
-        np.testing.assert_allclose(eager[k].numpy(), mapped[k].numpy(), atol=1e-4)
-    assert not np.allclose(eager["image"].numpy(), image)  # something did change
+    params = AugmentParams(blur_p=0.5, erase_p=0.5, elastic_p=0.5)
+    table = aug.param_table([params])
+    plan = aug.Plan.from_tiers([params])
+
+    def run(sample, seed):
+        return aug.augment_image(sample, table[0], seed, plan)
+
+    elems = {"image": tf.constant(image), "mask": tf.constant(mask)}
+    seeds = tf.constant([[3, i] for i in range(len(image))])
+    mapped = list(tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(elems),
+                                      tf.data.Dataset.from_tensor_slices(seeds)).map(run))
+    for i, m in enumerate(mapped):
+        eager = run({"image": tf.constant(image[i]), "mask": tf.constant(mask[i])}, seeds[i])
+        for k in ("image", "mask"):
+            np.testing.assert_allclose(eager[k].numpy(), m[k].numpy(), atol=1e-4)
+    assert not np.allclose(np.stack([m["image"].numpy() for m in mapped]), image)  # something changed
 
 
 def test_geometric_ops_move_image_and_mask_together():
     image, mask = _batch(n=8)
     p = _geo_only(hflip=0.5, vflip=0.5, affine_p=1.0, shift=0.1, scale=0.1, rotate=25.0)
-    table = aug.param_table([p])
-    batch = {"image": tf.constant(image), "mask": tf.constant(mask), "params": tf.gather(table, [0] * 8),
-             "seed": tf.constant([1, 2])}
-    out = aug.augment_batch(batch)
-    m = out["mask"].numpy()
-    assert out["mask"].dtype == tf.int32 and set(np.unique(m)) <= {0, 1}  # labels never blended
+    img, m = _augment_each(image, mask, p, seed=1)
+    assert m.dtype == np.int32 and set(np.unique(m)) <= {0, 1}  # labels never blended
     # Where the image is clearly one label, the mask agrees (bilinear edges aside).
-    img = out["image"].numpy()[..., 0]
+    img = img[..., 0]
     sure = (img < 40) | (img > 200)
     agree = ((img > 120) == (m[..., 0] == 1))[sure].mean()
     assert agree > 0.99
@@ -122,11 +135,29 @@ def test_geometric_ops_move_image_and_mask_together():
 
 
 def test_ops_respect_their_probability():
-    image, _ = _batch(n=16)
-    batch = {"image": tf.constant(image), "params": tf.gather(aug.param_table([OFF]), [0] * 16),
-             "seed": tf.constant([5, 6])}
-    out = aug.augment_batch(batch)
-    np.testing.assert_allclose(out["image"].numpy(), image, atol=1e-3)
+    image, mask = _batch(n=16)
+    assert aug.Plan.from_tiers([OFF]).ops == ()  # nothing can fire: nothing is built
+    half = _geo_only(hflip=0.5)
+    img, _ = _augment_each(image, mask, half, seed=5)
+    flipped = [np.array_equal(img[i], image[i, :, ::-1]) and not np.array_equal(img[i], image[i])
+               for i in range(16)]
+    unchanged = [np.array_equal(img[i], image[i]) for i in range(16)]
+    assert all(f or u for f, u in zip(flipped, unchanged, strict=True)) and 0 < sum(flipped) < 16
+
+
+def test_color_jitter_matches_its_definition():
+    """Colour is one matrix: check it against brightness, contrast and saturation done by hand."""
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    p = aug.param_table([_geo_only(color_p=1.0, brightness=0.3, contrast=0.3, saturation=0.5, hue=0.0)])[0]
+    out = aug.color({"image": tf.constant(img)}, p, aug._Rng(tf.constant([4, 2])))["image"].numpy()
+    r = aug._Rng(tf.constant([4, 2]))
+    b, c, sat = (1 + float(r.sym(0.3)), 1 + float(r.sym(0.3)), 1 + float(r.sym(0.5)))
+    luma = np.array([0.299, 0.587, 0.114])
+    grey = img @ luma
+    saturated = grey[..., None] + sat * (img - grey[..., None])
+    expected = c * b * saturated + (1 - c) * b * (grey.mean())
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-2)
 
 
 def test_tiers_pick_strength_per_image():
@@ -255,17 +286,11 @@ def test_masks_travel_with_their_images_through_the_pipeline(tmp_path):
 
 def test_elastic_moves_image_and_mask_together_and_keeps_labels():
     image, mask = _batch(n=6)
-    table = aug.param_table([_geo_only(elastic_p=1.0, elastic_alpha=3.0)])
-    batch = {"image": tf.constant(image), "mask": tf.constant(mask), "params": tf.gather(table, [0] * 6),
-             "seed": tf.constant([9, 9])}
-    out = aug.elastic(batch, aug._Rng(batch["seed"]))
-    m = out["mask"].numpy()
+    img, m = _augment_each(image, mask, _geo_only(elastic_p=1.0, elastic_alpha=3.0), seed=9)
     assert set(np.unique(m)) <= {0, 1} and not np.array_equal(m, mask)
-    img = out["image"].numpy()[..., 0]
+    img = img[..., 0]
     sure = (img < 40) | (img > 200)
     assert ((img > 120) == (m[..., 0] == 1))[sure].mean() > 0.99
-    off = {**batch, "params": tf.gather(aug.param_table([OFF]), [0] * 6)}
-    np.testing.assert_allclose(aug.elastic(off, aug._Rng(batch["seed"]))["image"].numpy(), image, atol=1e-3)
 
 
 def test_dicom_files_feed_the_image_pipeline():

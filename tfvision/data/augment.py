@@ -1,20 +1,23 @@
-"""Batched, per-image-random augmentation on dicts of tensors.
+"""Per-image augmentation on dicts of tensors, applied inside the parallel `map`.
 
-Ops take ``{"image": [B,H,W,C] float32 0..255, "mask": [B,H,W,1] (optional),
-"params": [B,P], "seed": [2]}`` and return the same dict. Every random draw is
-made once per image and applied to the image and its mask together, so a
-segmentation mask never drifts from its image. Masks only see geometric ops,
-with nearest-neighbour sampling, so labels are never blended.
+Ops take ``{"image": [H,W,C] float32 0..255, "mask": [H,W,1] (optional)}``
+plus the image's parameter row and a random source, and return the same dict.
+Every random draw is made once per image and applied to the image and its
+mask together, so a segmentation mask never drifts from its image. Masks only
+see geometric ops, with nearest-neighbour sampling, so labels never blend.
 
-Strength comes per image from ``params``: one row of `AugmentParams` values,
-gathered from a small table by the image's tier (light/medium/heavy by class
-size). One graph serves every tier.
+Strength comes per image from its ``params`` row (one `AugmentParams` tier,
+light/medium/heavy by class size): one graph serves every tier.
 
-Working on batches rather than single images lets TF vectorise the maths; the
-pipeline benchmark shows why that matters on 2 cores.
+Speed (see benchmarks/README.md): an op runs only on the images whose coin
+comes up (`tf.cond`), and an op no tier can fire is not built at all. The
+first version ran every op on whole batches, masked with `tf.where`, and
+spent ~17 CPU-ms per image, 6x the PyTorch stack; colour is now one 3x3
+matrix per image instead of an RGB->HSV->RGB round trip.
 
 >>> table = param_table([AugmentParams()])
->>> out = augment_batch({"image": images, "params": tf.gather(table, tiers), "seed": seed})
+>>> plan = Plan.from_tiers([AugmentParams()])
+>>> out = augment_image({"image": image}, table[0], seed, plan)
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ def param_table(tiers: list[AugmentParams]) -> tf.Tensor:
 
 
 def col(params: tf.Tensor, name: str) -> tf.Tensor:
+    """One parameter for every row of a gathered [N, P] table."""
     return params[:, _COL[name]]
 
 
 class _Rng:
-    """Stateless draws from one batch seed; each call gets its own sub-seed."""
+    """Stateless draws from one seed; each call gets its own sub-seed."""
 
     def __init__(self, seed: tf.Tensor):
         self.seed = tf.cast(seed, tf.int32)
@@ -58,157 +62,156 @@ class _Rng:
         self.k += 1
         return self.seed + tf.constant([0, 7919], tf.int32) * self.k
 
-    def uniform(self, shape, lo=0.0, hi=1.0):
+    def uniform(self, shape=(), lo=0.0, hi=1.0):
         return tf.random.stateless_uniform(shape, self.next_seed(), lo, hi)
 
     def normal(self, shape):
         return tf.random.stateless_normal(shape, self.next_seed())
 
-    def coin(self, p):
-        return self.uniform(tf.shape(p)) < p
+    def sym(self, magnitude):
+        """Uniform in [-magnitude, magnitude]."""
+        return self.uniform((), -1.0, 1.0) * magnitude
 
 
-def _where(cond, a, b):
-    return tf.where(tf.reshape(cond, [-1, 1, 1, 1]), a, b)
+def _p(params, name):
+    return params[_COL[name]]
 
 
-def flips(batch: dict, rng: _Rng) -> dict:
-    p = batch["params"]
-    out = dict(batch)
-    for name, axis in (("hflip", 2), ("vflip", 1)):
-        do = rng.coin(col(p, name))
-        for key in ("image", "mask"):
-            if key in out:
-                out[key] = _where(do, tf.reverse(out[key], [axis]), out[key])
-    return out
+def hflip(s, p, rng):
+    return {**s, **{k: tf.reverse(s[k], [1]) for k in ("image", "mask") if k in s}}
 
 
-def affine_matrices(angle, scale, tx, ty, height, width):
-    """Per-image 8-parameter projective transforms (output -> input pixel map)
-    for rotation `angle` (radians) and zoom `scale` about the centre, then a shift."""
+def vflip(s, p, rng):
+    return {**s, **{k: tf.reverse(s[k], [0]) for k in ("image", "mask") if k in s}}
+
+
+def affine_matrix(angle, scale, tx, ty, height, width):
+    """8-parameter projective transform (output -> input pixel map) for a rotation by
+    `angle` (radians) and zoom `scale` about the centre, then a shift (tx, ty)."""
     cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
-    # Inverse map: x_in = cos*(x-cx) - sin*(y-cy) + cx - tx ; y_in = sin*(x-cx) + cos*(y-cy) + cy - ty
-    a0, a1 = cos, -sin
-    b0, b1 = sin, cos
+    a0, a1 = tf.cos(angle) / scale, -tf.sin(angle) / scale
+    b0, b1 = tf.sin(angle) / scale, tf.cos(angle) / scale
     a2 = cx - a0 * cx - a1 * cy - tx
     b2 = cy - b0 * cx - b1 * cy - ty
-    zeros = tf.zeros_like(angle)
-    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None, :]
 
 
-def _transform(images, matrices, interpolation):
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=matrices, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation=interpolation, fill_mode="REFLECT",
-    )
+def _reflect(v, n):
+    """Mirror coordinates into [0, n-1] (edge pixel not repeated)."""
+    top = tf.cast(n - 1, tf.float32)
+    v = tf.math.floormod(tf.abs(v), 2.0 * top)
+    return tf.where(v > top, 2.0 * top - v, v)
 
 
-def affine(batch: dict, rng: _Rng) -> dict:
-    """Shift / scale / rotate, one draw per image, nearest-neighbour for masks."""
-    p = batch["params"]
-    img = batch["image"]
-    b = tf.shape(img)[0]
-    h, w = tf.cast(tf.shape(img)[1], tf.float32), tf.cast(tf.shape(img)[2], tf.float32)
-    do = tf.cast(rng.coin(col(p, "affine_p")), tf.float32)
-    angle = rng.uniform([b], -1.0, 1.0) * col(p, "rotate") * (math.pi / 180.0) * do
-    scale = 1.0 + rng.uniform([b], -1.0, 1.0) * col(p, "scale") * do
-    tx = rng.uniform([b], -1.0, 1.0) * col(p, "shift") * w * do
-    ty = rng.uniform([b], -1.0, 1.0) * col(p, "shift") * h * do
-    m = affine_matrices(angle, scale, tx, ty, h, w)
-    out = dict(batch)
-    out["image"] = _transform(img, m, "BILINEAR")
-    if "mask" in batch:
-        mask = tf.cast(batch["mask"], tf.float32)
-        out["mask"] = tf.cast(_transform(mask, m, "NEAREST"), batch["mask"].dtype)
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _warp(image, matrix, nearest: bool):
+    """Resample [H,W,C] through the output->input map `matrix` [1, 8], reflecting at borders.
+
+    A gather warp compiled by XLA: TF's ImageProjectiveTransformV3 kernel (TF 2.21) spent
+    2.8 ms on one 224x224 RGB image on this CPU, this 0.9 ms (benchmarks/README.md).
+    """
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    m = matrix[0]
+    ys, xs = tf.meshgrid(tf.range(tf.cast(h, tf.float32)), tf.range(tf.cast(w, tf.float32)), indexing="ij")
+    sx = _reflect(m[0] * xs + m[1] * ys + m[2], w)
+    sy = _reflect(m[3] * xs + m[4] * ys + m[5], h)
+    flat = tf.reshape(image, [h * w, -1])
+    if nearest:
+        idx = tf.cast(tf.round(sy), tf.int32) * w + tf.cast(tf.round(sx), tf.int32)
+        return tf.reshape(tf.gather(flat, tf.reshape(idx, [-1])), tf.shape(image))
+    x0, y0 = tf.floor(sx), tf.floor(sy)
+    wx, wy = (sx - x0)[..., None], (sy - y0)[..., None]
+    x0i, y0i = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+    x1i, y1i = tf.minimum(x0i + 1, w - 1), tf.minimum(y0i + 1, h - 1)
+
+    def at(y, x):
+        return tf.gather(flat, y * w + x)
+
+    top = at(y0i, x0i) * (1.0 - wx) + at(y0i, x1i) * wx
+    bottom = at(y1i, x0i) * (1.0 - wx) + at(y1i, x1i) * wx
+    return top * (1.0 - wy) + bottom * wy
+
+
+def affine(s, p, rng):
+    """Shift / scale / rotate, nearest-neighbour for masks."""
+    h, w = tf.cast(tf.shape(s["image"])[0], tf.float32), tf.cast(tf.shape(s["image"])[1], tf.float32)
+    angle = rng.sym(_p(p, "rotate")) * (math.pi / 180.0)
+    scale = 1.0 + rng.sym(_p(p, "scale"))
+    tx, ty = rng.sym(_p(p, "shift")) * w, rng.sym(_p(p, "shift")) * h
+    m = affine_matrix(angle, scale, tx, ty, h, w)
+    out = {**s, "image": _warp(s["image"], m, False)}
+    if "mask" in s:
+        out["mask"] = _warp(s["mask"], m, True)
     return out
 
 
-def color(batch: dict, rng: _Rng) -> dict:
-    """Brightness, contrast, saturation and hue jitter (saturation and hue on 3 channels only)."""
-    p = batch["params"]
-    img = batch["image"]
-    b = tf.shape(img)[0]
-    do = tf.cast(rng.coin(col(p, "color_p")), tf.float32)
-
-    def factor(name):
-        return tf.reshape(1.0 + rng.uniform([b], -1.0, 1.0) * col(p, name) * do, [-1, 1, 1, 1])
-
-    img = img * factor("brightness")
-    mean = tf.reduce_mean(img, axis=[1, 2, 3], keepdims=True)
-    img = (img - mean) * factor("contrast") + mean
-    if img.shape[-1] == 3:
-        gray = tf.reduce_mean(img, axis=-1, keepdims=True)
-        img = gray + (img - gray) * factor("saturation")
-        hue = rng.uniform([b], -1.0, 1.0) * col(p, "hue") * do
-        hsv = tf.image.rgb_to_hsv(tf.clip_by_value(img, 0.0, 255.0) / 255.0)
-        h = tf.math.floormod(hsv[..., 0] + tf.reshape(hue, [-1, 1, 1]), 1.0)
-        img = tf.image.hsv_to_rgb(tf.stack([h, hsv[..., 1], hsv[..., 2]], -1)) * 255.0
-    return {**batch, "image": img}
+# RGB <-> YIQ: hue is a rotation of the (I, Q) plane, so a whole colour jitter is one 3x3 matrix.
+_RGB2YIQ = tf.constant([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = tf.linalg.inv(_RGB2YIQ)
+_LUMA = tf.constant([0.299, 0.587, 0.114])
 
 
-def noise(batch: dict, rng: _Rng) -> dict:
-    p = batch["params"]
-    img = batch["image"]
-    do = tf.cast(rng.coin(col(p, "noise_p")), tf.float32)
-    std = tf.reshape(rng.uniform(tf.shape(do)) * col(p, "noise_std") * do, [-1, 1, 1, 1])
-    return {**batch, "image": img + rng.normal(tf.shape(img)) * std}
+def color(s, p, rng):
+    """Brightness, contrast, saturation and hue jitter as x -> c*b*(M x) + (1-c)*mean, one pass."""
+    img = s["image"]
+    b = 1.0 + rng.sym(_p(p, "brightness"))
+    c = 1.0 + rng.sym(_p(p, "contrast"))
+    if img.shape[-1] != 3:  # saturation and hue need RGB
+        mean = tf.reduce_mean(img) * b
+        return {**s, "image": img * (b * c) + (1.0 - c) * mean}
+    sat = 1.0 + rng.sym(_p(p, "saturation"))
+    theta = rng.sym(_p(p, "hue")) * 2.0 * math.pi
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    rot = tf.stack([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    hue = _YIQ2RGB @ rot @ _RGB2YIQ
+    saturate = sat * tf.eye(3) + (1.0 - sat) * tf.ones([3, 1]) * _LUMA[None, :]
+    m = b * c * (saturate @ hue)
+    mean = b * tf.tensordot(tf.reduce_mean(img, axis=[0, 1]), _LUMA, 1)  # grey level after brightness
+    return {**s, "image": tf.tensordot(img, tf.transpose(m), 1) + (1.0 - c) * mean}
 
 
-def blur(batch: dict, rng: _Rng, radius: int = 3) -> dict:
-    """Gaussian blur with a per-image sigma, as one depthwise conv over B*C channels."""
-    p = batch["params"]
-    img = batch["image"]
-    b, h, w, c = tf.unstack(tf.shape(img))
-    do = rng.coin(col(p, "blur_p"))
-    sigma = tf.maximum(rng.uniform([b], 0.1, 1.0) * col(p, "blur_sigma"), 1e-3)
+def noise(s, p, rng):
+    std = rng.uniform() * _p(p, "noise_std")
+    return {**s, "image": s["image"] + rng.normal(tf.shape(s["image"])) * std}
+
+
+def blur(s, p, rng, radius: int = 3):
+    """Gaussian blur, separable, sigma drawn up to blur_sigma."""
+    img = s["image"]
+    sigma = tf.maximum(rng.uniform((), 0.1, 1.0) * _p(p, "blur_sigma"), 1e-3)
     x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    k = tf.exp(-0.5 * (x[None, :] / sigma[:, None]) ** 2)
-    k = k / tf.reduce_sum(k, axis=1, keepdims=True)
-    identity = tf.one_hot(radius, 2 * radius + 1)
-    k = tf.where(do[:, None], k, identity[None, :])  # [B, K]
-    k = tf.repeat(k, c, axis=0)  # [B*C, K]
-    stacked = tf.reshape(tf.transpose(img, [1, 2, 0, 3]), [1, h, w, b * c])
-    kx = tf.transpose(k)[None, :, :, None]  # [1, K, B*C, 1]
-    ky = tf.transpose(k)[:, None, :, None]  # [K, 1, B*C, 1]
-    pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
-    out = tf.pad(stacked, pad, mode="SYMMETRIC")
+    k = tf.exp(-0.5 * (x / sigma) ** 2)
+    k = k / tf.reduce_sum(k)
+    c = tf.shape(img)[-1]
+    kx = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, c, 1])
+    ky = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, c, 1])
+    out = tf.pad(img[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
     out = tf.nn.depthwise_conv2d(out, kx, [1, 1, 1, 1], "VALID")
     out = tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")
-    out = tf.transpose(tf.reshape(out, [h, w, b, c]), [2, 0, 1, 3])
-    return {**batch, "image": out}
+    return {**s, "image": out[0]}
 
 
-def erase(batch: dict, rng: _Rng, max_holes: int = 16) -> dict:
+def erase(s, p, rng, max_holes: int = 16):
     """Coarse dropout: up to `erase_holes` square holes filled with mid-grey."""
-    p = batch["params"]
-    img = batch["image"]
-    b, h, w = tf.shape(img)[0], tf.shape(img)[1], tf.shape(img)[2]
-    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-    do = rng.coin(col(p, "erase_p"))
-    active = tf.range(max_holes, dtype=tf.float32)[None, :] < col(p, "erase_holes")[:, None]  # [B, M]
-    cy = rng.uniform([b, max_holes]) * hf
-    cx = rng.uniform([b, max_holes]) * wf
-    half = (col(p, "erase_size")[:, None] * tf.minimum(hf, wf)) / 2.0
-    ys = tf.range(hf)[None, None, :]
-    xs = tf.range(wf)[None, None, :]
-    in_y = tf.abs(ys - cy[..., None]) <= half[..., None]  # [B, M, H]
-    in_x = tf.abs(xs - cx[..., None]) <= half[..., None]  # [B, M, W]
-    holes = tf.logical_and(in_y[..., :, None], in_x[..., None, :])  # [B, M, H, W]
-    holes = tf.logical_and(holes, active[..., None, None])
-    hole = tf.reduce_any(holes, axis=1) & do[:, None, None]
-    return {**batch, "image": tf.where(hole[..., None], 127.5, img)}
+    img = s["image"]
+    hf, wf = tf.cast(tf.shape(img)[0], tf.float32), tf.cast(tf.shape(img)[1], tf.float32)
+    active = tf.range(max_holes, dtype=tf.float32) < _p(p, "erase_holes")
+    cy, cx = rng.uniform([max_holes]) * hf, rng.uniform([max_holes]) * wf
+    half = _p(p, "erase_size") * tf.minimum(hf, wf) / 2.0
+    in_y = tf.abs(tf.range(hf)[None, :] - cy[:, None]) <= half  # [M, H]
+    in_x = tf.abs(tf.range(wf)[None, :] - cx[:, None]) <= half  # [M, W]
+    holes = tf.logical_and(in_y[:, :, None], in_x[:, None, :]) & active[:, None, None]
+    return {**s, "image": tf.where(tf.reduce_any(holes, axis=0)[..., None], 127.5, img)}
 
 
-def _sample(images, ys, xs, nearest: bool):
-    """Sample [B,H,W,C] at float coordinates [B,H,W] (clamped at the border)."""
-    b, h, w = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+def _sample(image, ys, xs, nearest: bool):
+    """Sample [H,W,C] at float coordinates [H,W] (clamped at the border)."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
     ys = tf.clip_by_value(ys, 0.0, tf.cast(h - 1, tf.float32))
     xs = tf.clip_by_value(xs, 0.0, tf.cast(w - 1, tf.float32))
-    bi = tf.broadcast_to(tf.range(b)[:, None, None], tf.shape(ys))
 
     def at(y, x):
-        return tf.gather_nd(images, tf.stack([bi, y, x], axis=-1))
+        return tf.gather_nd(image, tf.stack([y, x], axis=-1))
 
     if nearest:
         return at(tf.cast(tf.round(ys), tf.int32), tf.cast(tf.round(xs), tf.int32))
@@ -221,33 +224,50 @@ def _sample(images, ys, xs, nearest: bool):
     return top * (1 - wy) + bottom * wy
 
 
-def elastic(batch: dict, rng: _Rng, grid: int = 4) -> dict:
+def elastic(s, p, rng, grid: int = 4):
     """Elastic deformation: a smooth random displacement field (a coarse grid of random
     shifts upsampled bicubically), bilinear for images, nearest for masks."""
-    p = batch["params"]
-    img = batch["image"]
-    b, h, w = tf.shape(img)[0], tf.shape(img)[1], tf.shape(img)[2]
-    do = tf.cast(rng.coin(col(p, "elastic_p")), tf.float32)
-    amp = tf.reshape(col(p, "elastic_alpha") * do, [-1, 1, 1, 1])
-    field = tf.image.resize(rng.uniform([b, grid, grid, 2], -1.0, 1.0), [h, w], method="bicubic") * amp
+    img = s["image"]
+    h, w = tf.shape(img)[0], tf.shape(img)[1]
+    field = tf.image.resize(rng.uniform([1, grid, grid, 2], -1.0, 1.0), [h, w], method="bicubic")[0]
+    field = field * _p(p, "elastic_alpha")
     ys, xs = tf.meshgrid(tf.range(tf.cast(h, tf.float32)), tf.range(tf.cast(w, tf.float32)), indexing="ij")
-    src_y, src_x = ys[None] + field[..., 0], xs[None] + field[..., 1]
-    out = {**batch, "image": _sample(img, src_y, src_x, nearest=False)}
-    if "mask" in batch:
-        out["mask"] = _sample(batch["mask"], src_y, src_x, nearest=True)
+    src_y, src_x = ys + field[..., 0], xs + field[..., 1]
+    out = {**s, "image": _sample(img, src_y, src_x, nearest=False)}
+    if "mask" in s:
+        out["mask"] = _sample(s["mask"], src_y, src_x, nearest=True)
     return out
 
 
-OPS = (flips, affine, elastic, color, noise, blur, erase)
+# (op, the probability column that gates it), in application order.
+OPS = (
+    (hflip, "hflip"), (vflip, "vflip"), (affine, "affine_p"), (elastic, "elastic_p"),
+    (color, "color_p"), (noise, "noise_p"), (blur, "blur_p"), (erase, "erase_p"),
+)
 
 
-def augment_batch(batch: dict) -> dict:
-    """Run every op; each op's own probability decides whether an image is touched."""
-    rng = _Rng(batch["seed"])
-    for op in OPS:
-        batch = op(batch, rng)
-    batch["image"] = tf.clip_by_value(batch["image"], 0.0, 255.0)
-    return batch
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The ops some tier can fire; the rest are left out of the graph entirely."""
+
+    ops: tuple
+
+    @classmethod
+    def from_tiers(cls, tiers: list[AugmentParams]) -> Plan:
+        return cls(tuple((op, gate) for op, gate in OPS if any(getattr(t, gate) > 0 for t in tiers)))
+
+
+def augment_image(sample: dict, params: tf.Tensor, seed: tf.Tensor, plan: Plan) -> dict:
+    """Run the planned ops on one image (and mask); each fires on its own coin."""
+    rng = _Rng(seed)
+    s = {k: sample[k] for k in ("image", "mask") if k in sample}
+    for op, gate in plan.ops:
+        fire = rng.uniform() < _p(params, gate)
+        sub = _Rng(rng.next_seed())  # the op's own stream: the same draws whether or not others fire
+        s = tf.cond(fire, lambda op=op, s=s, sub=sub: op(s, params, sub), lambda s=s: s)
+    if any(op in (color, noise) for op, _ in plan.ops):
+        s["image"] = tf.clip_by_value(s["image"], 0.0, 255.0)
+    return {**sample, **s}
 
 
 def albumentations_fn(spec: dict):

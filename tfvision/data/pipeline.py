@@ -5,8 +5,9 @@ through `build_dataset`; only `read` (where bytes come from) and the task's
 `format_batch` (how a batch becomes model inputs and targets) differ.
 
 Per image, in parallel: read the file, draw a random-resized-crop window,
-decode only that window (DCT-downscaled JPEG where possible), resize. Per
-batch: the joint image/mask augmentations and MixUp/CutMix, vectorised.
+decode only that window (DCT-downscaled JPEG where possible), resize, then
+the joint image/mask augmentations (each only when its coin comes up). Per
+batch: MixUp/CutMix.
 Images leave the pipeline as float32 on the 0..255 scale; normalisation lives
 in the model so that exports carry it.
 
@@ -153,18 +154,25 @@ def from_elements(
     """
     table = aug.param_table(spec.tiers)
     do_aug = training and spec.augment
-    size = spec.image_size
+    native = do_aug and spec.albumentations is None
+    plan = aug.Plan.from_tiers(spec.tiers)
+    size = tuple(spec.image_size)
 
     def load(s, seed):
         if "bytes" not in s:
             s = _read_files(s)
         params = tf.gather(table, s["tier"])
-        window = crop_window(s["bytes"], params, seed) if do_aug and spec.albumentations is None else None
+        window = crop_window(s["bytes"], params, seed) if native else None
         image = tf.image.resize(decode(s["bytes"], spec.channels, window, target=size), size)
         out = {k: v for k, v in s.items() if k not in ("bytes", "mask_bytes")}
         out.update(image=image, params=params)
         if "mask_bytes" in s:
             out["mask"] = tf.image.resize(decode_mask(s["mask_bytes"], window), size, method="nearest")
+        if native:
+            out = aug.augment_image(out, params, seed + [1, 0], plan)
+            out["image"].set_shape(size + (spec.channels,))
+            if "mask" in out:
+                out["mask"].set_shape(size + (1,))
         return out
 
     if training:
@@ -192,8 +200,6 @@ def from_elements(
     if training:
         ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed + 1))
         ds = ds.map(lambda b, s: {**b, "seed": s}, num_parallel_calls=AUTOTUNE)
-        if do_aug and spec.albumentations is None:
-            ds = ds.map(aug.augment_batch, num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
         if do_aug and spec.mix_p > 0:
             ds = ds.map(lambda b: mix_batch(b, spec.mixup_alpha, spec.cutmix_alpha, spec.mix_p),
                         num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
