@@ -34,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="run folder (default runs/<config name>-<timestamp>); "
                    "an existing run folder with the same config resumes")
     p.add_argument("--resume", metavar="RUN_DIR", help="resume a run folder with its saved config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value (JSON literal or string); repeatable")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY.PATH=VALUE",
+                   help="override config values (JSON literal or string): --set a.b=1 c.d=x; repeatable")
     p.add_argument("--check-data", action="store_true",
                    help="only read, split and check every image, write data_report.json, then exit")
     p.add_argument("--print-schema", action="store_true", help="print the config JSON Schema and exit")
@@ -69,7 +69,7 @@ def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int
     """Run (or resume) training for a validated config into `run_dir`."""
     from tfvision.data import builtin
 
-    if cfg.data.prepare:
+    if cfg.data.prepare and cfg.data.source != "tfrecord":
         builtin.prepare(cfg.data.prepare, cfg.data.root)
     # Data decisions are all made before TensorFlow loads.
     resuming = open_run(run_dir, cfg)
@@ -87,6 +87,8 @@ def _read_samples(cfg, run_dir: Path):
     from tfvision.data.splits import assign_splits
     from tfvision.run import read_splits, write_splits
 
+    if cfg.data.source == "tfrecord":  # the split is in the shards (names and manifest.json)
+        return None, []
     saved = read_splits(run_dir)
     table = load_samples(cfg.data)
     if saved is not None:  # a resumed run keeps exactly the split it started with

@@ -106,7 +106,9 @@ def encode_example(
         feats[EVAL] = f(eval_target)
     if mask is not None:
         feats[MASK] = b(mask)
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    # deterministic: map entries sorted by key. Otherwise their order follows the process's
+    # string hashing, and the same conversion run twice gives different sha256s.
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def parse_spec(num_classes: int, *, has_known: bool = False, has_eval: bool = False, has_mask: bool = False,

@@ -3,13 +3,15 @@
 A shard folder holds ``{split}-{i:05d}-of-{n:05d}.tfrecord`` (``.tfrecord.gz``
 with GZIP) and ``manifest.json`` (counts, classes, each shard's records, size
 and sha256, rejected files). The record keys are in `tfvision.data.features`;
-`tfvision.convert` plans the shards and runs `write_shard` in worker processes.
+`tfvision.convert` plans the shards and calls `write_shard` for each.
 
-Reading goes through ``tf.io.gfile``, so a ``gs://`` folder works (TPU). Each
-shard is read with its record count from the manifest: a shard that ends early
-(corrupt record, truncated upload) fails with its name, never silently short.
+Reading goes through ``tf.io.gfile``, so a ``gs://`` folder works (TPU). A
+shard whose size differs from the manifest stops `RecordInputs` before
+training; a shard that ends early while read (a corrupt record) is named in an
+error: raised by `targets` and `--verify`, printed on stderr in training,
+where the shared tail skips failing elements.
 
->>> inputs = RecordInputs(cfg, get_task("classification"))   # cfg.data.root = shard folder
+>>> inputs = RecordInputs(cfg, get_task("classification", cfg))   # cfg.data.root: the shard folder
 >>> ds = inputs.dataset("train", PipelineSpec.from_config(cfg), training=True)
 """
 
@@ -31,13 +33,13 @@ from tfvision.data import features as F
 from tfvision.data.decode import decode, describe_error, image_shape, is_jpeg, is_png
 from tfvision.data.inputs import Inputs, class_tiers
 from tfvision.data.pipeline import PipelineSpec, from_elements
+from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
 from tfvision.fileio import atomic_path, write_json
 from tfvision.losses import class_weights
 
 log = logging.getLogger("tfvision.data")
 
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^(train|val|test)-(\d{5})-of-(\d{5})\.tfrecord(\.gz)?$")
 CYCLE_LENGTH = 16  # shards read at once; also how far records of different shards mix
@@ -64,52 +66,78 @@ class ShardJob:
     rows: list[tuple]
     channels: int
     gzip: bool = False
-    parent_pid: int | None = None  # a worker stops when this process dies
+    threads: int | None = None  # decode threads (default: TF's choice, all cores)
+    parent_pid: int | None = None  # a worker process stops when this process dies
 
 
-_PROBES: dict[int, object] = {}
+def _probe(data: tf.Tensor, channels: int):
+    """The check pass's decode (`tfvision.data.check`) plus the header facts a record keeps:
+    (decoded shape, [h, w], channels stored in the file). JPEGs decode at 1/8 scale; the
+    whole entropy-coded stream, where truncation and corruption show, is still read."""
+    checked = tf.shape(decode(data, channels, target=(1, 1)))
+    png_type = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 25, 1), tf.uint8)[0], tf.int32)
+    native = tf.case(
+        [(is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[2]),
+         # PNG colour type -> channels: gray, -, RGB, palette, gray+alpha, -, RGBA
+         (is_png(data), lambda: tf.gather([1, 0, 3, 3, 2, 0, 4], tf.minimum(png_type, 6)))],
+        default=lambda: tf.shape(tf.io.decode_image(data, channels=0, expand_animations=False))[2],
+    )
+    return checked, image_shape(data), native
 
 
-def _probe(channels: int):
-    """Compiled check + header read: (decoded shape, [h, w], channels in the file)."""
-    if channels not in _PROBES:
+def rejection_reason(path: str, channels: int) -> str:
+    """Why `path` failed the check, with the decoder's own message (run eagerly, as the
+    check pass does, because graph errors carry node names instead)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if not data:
+        return "empty file"
+    try:
+        shape = tf.shape(decode(tf.constant(data), channels, target=(1, 1)))
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+        return _reason(e)
+    if int(shape[0]) == 0 or int(shape[1]) == 0:
+        return "image has zero size"
+    return "cannot be decoded"
+
+
+_CHECKERS: dict[int, object] = {}
+
+
+def _checker(channels: int):
+    """read + `_probe` as one tf.function per channel count, traced once per process
+    (a map function traced per shard cost about 0.3 s a shard)."""
+    if channels not in _CHECKERS:
 
         @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-        def probe(data):
-            checked = tf.shape(decode(data, channels, target=(1, 1)))
-            png_type = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 25, 1), tf.uint8)[0], tf.int32)
-            native = tf.case(
-                [(is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[2]),
-                 # PNG colour type -> channels: gray, -, RGB, palette, gray+alpha, -, RGBA
-                 (is_png(data), lambda: tf.gather([1, 0, 3, 3, 2, 0, 4], tf.minimum(png_type, 6)))],
-                default=lambda: tf.shape(tf.io.decode_image(data, channels=0, expand_animations=False))[2],
-            )
-            return checked, image_shape(data), native
+        def check(path):
+            data = tf.io.read_file(path)
+            checked, hw, native = _probe(data, channels)
+            ok = tf.logical_and(checked[0] > 0, checked[1] > 0)
+            with tf.control_dependencies([tf.debugging.Assert(ok, ["image has zero size"])]):
+                return tf.identity(data), hw, native
 
-        _PROBES[channels] = probe
-    return _PROBES[channels]
+        _CHECKERS[channels] = check
+    return _CHECKERS[channels]
 
 
-def check_image(data: bytes, channels: int) -> tuple[str | None, tuple[int, int, int]]:
-    """The check pass of `tfvision.data.check` on bytes in memory: (reason or None, (h, w, c)).
+def checked_images(paths: list[str], channels: int, threads: int | None = None) -> tf.data.Dataset:
+    """(index, bytes, [h, w], channels) of every readable, decodable file in `paths`, in order.
 
-    Decoded once, JPEGs at 1/8 scale (the whole entropy stream is still read).
-    The compiled probe is fast; a failure is re-run eagerly so the reason is the
-    decoder's own message, as in the check pass.
+    Read and decode-checked in a parallel map (no Python per image); a file that
+    fails is left out, so a gap in the indices marks a rejected file.
     """
-    if not data:
-        return "empty file", (0, 0, 0)
-    try:
-        checked, hw, native = _probe(channels)(tf.constant(data))
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as graph_error:
-        try:
-            tf.shape(decode(tf.constant(data), channels, target=(1, 1)))
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-            return describe_error(e), (0, 0, 0)
-        return describe_error(graph_error), (0, 0, 0)
-    if int(checked[0]) == 0 or int(checked[1]) == 0:
-        return "image has zero size", (0, 0, 0)
-    return None, (int(hw[0]), int(hw[1]), int(native))
+    check = _checker(channels)
+    ds = tf.data.Dataset.from_tensor_slices(list(paths)).enumerate()
+    ds = ds.map(lambda i, path: (i, *check(path)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).ignore_errors()
+    options = tf.data.Options()
+    if threads:
+        options.threading.private_threadpool_size = threads
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 @contextmanager
@@ -122,29 +150,30 @@ def _record_writer(path, gzip: bool):
 def write_shard(job: ShardJob) -> dict:
     """Check, encode and write one shard under a temporary name, then rename it.
 
+    Each file is read once; its bytes are decode-checked and written as they are.
     Returns ``{"name", "records", "bytes", "sha256", "rejected"}``.
     """
-    rejected, records = [], 0
+    rows, rejected, records, expected = job.rows, [], 0, 0
     final = os.path.join(job.directory, job.name)
+
+    def reject(upto):
+        for j in range(expected, upto):
+            rejected.append({"path": rows[j][0], "reason": rejection_reason(rows[j][0], job.channels)})
+
     with atomic_path(final) as tmp:
         with _record_writer(tmp, job.gzip) as writer:
-            for path, image_id, group, label, target, known, eval_target, fold in job.rows:
+            stream = checked_images([r[0] for r in rows], job.channels, job.threads)
+            for i, data, hw, native in stream.as_numpy_iterator():
                 if job.parent_pid is not None and os.getppid() != job.parent_pid:
                     raise RuntimeError("the converter process is gone")  # no rename: the shard is redone
-                try:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    rejected.append({"path": path, "reason": f"cannot read: {e.strerror or e}"})
-                    continue
-                reason, (h, w, c) = check_image(data, job.channels)
-                if reason is not None:
-                    rejected.append({"path": path, "reason": reason})
-                    continue
+                reject(i)
+                expected = i + 1
+                _, image_id, group, label, target, known, eval_target, fold = rows[i]
                 writer.write(F.encode_example(
-                    image=data, height=h, width=w, channels=c, image_id=image_id, group=group,
+                    image=data, height=hw[0], width=hw[1], channels=native, image_id=image_id, group=group,
                     label=label, target=target, fold=fold, known=known, eval_target=eval_target))
                 records += 1
+            reject(len(rows))
         size, digest = file_digest(str(tmp))
     return {"name": job.name, "records": records, "bytes": size, "sha256": digest, "rejected": rejected}
 
@@ -207,16 +236,20 @@ def verify(root: str, progress: bool = True) -> tuple[list[str], int]:
             problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
         elif digest != shard["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (modified after conversion)")
-        n, error = 0, None
-        ds = tf.data.TFRecordDataset(path, "GZIP" if name.endswith(".gz") else "", READ_BUFFER).batch(256)
+        n, error, batch = 0, None, []
         try:
-            for batch in ds:
-                tf.io.parse_example(batch, spec)
-                n += int(batch.shape[0])
+            for record in tf.data.TFRecordDataset(path, "GZIP" if name.endswith(".gz") else "", READ_BUFFER):
+                n += 1
+                batch.append(record)
+                if len(batch) == 256:
+                    tf.io.parse_example(tf.stack(batch), spec)
+                    batch = []
+            if batch:
+                tf.io.parse_example(tf.stack(batch), spec)
         except tf.errors.DataLossError as e:
-            error = f"unreadable after record {n}: {describe_error(e)}"
+            error = f"unreadable after record {n}: {_reason(e)}"
         except tf.errors.InvalidArgumentError as e:
-            error = f"a record in records {n}..{n + 255} does not parse: {describe_error(e)}"
+            error = f"a record among records {n - len(batch) + 1}..{n} does not parse: {_reason(e)}"
         if error:
             problems.append(f"{name}: {error}")
         elif n != shard["records"]:
@@ -258,6 +291,18 @@ def _shard_records(path: tf.Tensor, expected: tf.Tensor, compression: str) -> tf
 
     return (records.concatenate(end).enumerate().map(check)
             .filter(lambda r: tf.strings.length(r) > 0))
+
+
+def worker_slice() -> tuple[int, int]:
+    """(workers, this worker's index) of a multi-worker cluster in TF_CONFIG (chief first,
+    as MultiWorkerMirroredStrategy numbers them); (1, 0) on one machine."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    spec = resolver.cluster_spec().as_dict()
+    tasks = [("chief", i) for i in range(len(spec.get("chief", [])))]
+    tasks += [("worker", i) for i in range(len(spec.get("worker", [])))]
+    if len(tasks) <= 1 or (resolver.task_type, resolver.task_id) not in tasks:
+        return 1, 0
+    return len(tasks), tasks.index((resolver.task_type, resolver.task_id))
 
 
 class RecordInputs(Inputs):
@@ -304,8 +349,15 @@ class RecordInputs(Inputs):
                 raise DataError(f"{path}: {size} bytes, {MANIFEST} says {shard['bytes']} (truncated or "
                                 f"replaced); run python -m tfvision.convert --verify {self.root}")
 
-    def _records(self, split: str, *, training: bool, deterministic: bool, seed: int = 0):
-        shards = self.shards[split]
+    def _records(self, split: str, *, training: bool, deterministic: bool, seed: int = 0,
+                 worker: tuple[int, int] = (1, 0)):
+        count, index = worker
+        shards = self.shards[split][index::count]
+        if not self.shards[split]:
+            raise DataError(f"{self.root}: no {split} shards")
+        if not shards:
+            raise DataError(f"{self.root}: {len(self.shards[split])} {split} shard(s) for {count} workers; "
+                            f"convert with a smaller --shard-mb so that every worker gets one")
         files = [join(self.root, s["name"]) for s in shards]
         compression = "GZIP" if self.manifest.get("compression") == "GZIP" else ""
         ds = tf.data.Dataset.from_tensor_slices((files, [s["records"] for s in shards]))
@@ -316,7 +368,8 @@ class RecordInputs(Inputs):
                              num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=deterministic or not training)
 
-    def _elements(self, split: str, *, training: bool, deterministic: bool, seed: int = 0):
+    def _elements(self, split: str, *, training: bool, deterministic: bool, seed: int = 0,
+                  worker: tuple[int, int] = (1, 0)):
         spec = _spec_of(self.manifest, keys=(F.ENCODED, F.TARGET, F.KNOWN, F.MASK))
         train = split == "train"
         tier_of = tf.constant(self.tiers if train and self.tiers is not None else
@@ -338,17 +391,21 @@ class RecordInputs(Inputs):
                 out["mask_bytes"] = p[F.MASK]
             return out
 
-        ds = self._records(split, training=training, deterministic=deterministic, seed=seed)
+        ds = self._records(split, training=training, deterministic=deterministic, seed=seed, worker=worker)
         return ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not training)
 
     def dataset(self, split, spec: PipelineSpec, *, training, repeat=False, format_batch=None):
-        ds = self._elements(split, training=training, deterministic=spec.deterministic, seed=spec.seed)
+        # Per-worker sharding by file, done here: tf.distribute's FILE auto-shard cannot find
+        # the readers behind from_elements (it stops at ignore_errors and at the zip with
+        # Dataset.random, TF 2.21: "Did not find a shardable source"), so it is switched off.
+        worker = worker_slice() if training else (1, 0)
+        ds = self._elements(split, training=training, deterministic=spec.deterministic, seed=spec.seed,
+                            worker=worker)
         if training and spec.cache:  # the encoded bytes, as for loose files
             ds = ds.cache()
-        # FILE: under a multi-worker strategy each worker reads its own shards.
         return from_elements(ds, spec, training=training, repeat=repeat, format_batch=format_batch,
-                             size_hint=self.sizes[split],
-                             shard_policy=tf.data.experimental.AutoShardPolicy.FILE)
+                             size_hint=self.sizes[split] // worker[0],
+                             shard_policy=tf.data.experimental.AutoShardPolicy.OFF)
 
     def targets(self, split):
         """What validation scores against (the task's eval targets), read from the shards
@@ -385,6 +442,11 @@ class RecordInputs(Inputs):
         }
         write_json(os.path.join(run_dir, "data_report.json"), report)
         return report
+
+
+def _reason(e: Exception) -> str:
+    """`describe_error` without the "name:" tail TF 2.21 appends to eager errors."""
+    return re.sub(r"\s*name:\s*$", "", describe_error(e))
 
 
 def _assert_message(e: Exception) -> str:
