@@ -174,7 +174,7 @@ def test_multilabel_scorer_skips_unknown_labels_and_tunes_thresholds():
     assert scorer.calibration(y, cooled)["nll"] < scorer.calibration(y, hot)["nll"]
 
 
-def test_unsupported_task_and_missing_split_are_clear_errors(run, tmp_path):
+def test_inconsistent_run_and_missing_split_are_clear_errors(run, tmp_path):
     from tfvision.errors import UserError
     from tfvision.evaluate import main
 

@@ -205,6 +205,8 @@ def evaluate_segmentation(run_dir: Path, run, split: str, batch_size: int | None
     from tfvision.tasks import get_task
 
     cfg = load_run_config(run_dir)
+    if cfg.task != "segmentation":
+        raise UserError(f"{run_dir}: run.json says task 'segmentation' but config.json says {cfg.task!r}")
     task = get_task(cfg.task, cfg)
     task.output_names = ["logits"]  # score the main output; aux heads are training-only
     inputs = eval_inputs(cfg, task, run_dir)
