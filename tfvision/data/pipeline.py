@@ -220,18 +220,17 @@ def steps_for(n: int, batch_size: int, training: bool) -> int:
     return max(1, n // batch_size) if training and n >= batch_size else max(1, math.ceil(n / batch_size))
 
 
+def dataset_stats(dataset: tf.data.Dataset, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..255 scale) of the images of a batched dataset."""
+    total, sq, count = np.zeros(channels), np.zeros(channels), 0
+    for images, *_ in dataset:
+        x = images.numpy().reshape(-1, channels).astype(np.float64)
+        total, sq, count = total + x.sum(0), sq + (x**2).sum(0), count + len(x)
+    mean = total / count
+    return mean.tolist(), np.sqrt(np.maximum(sq / count - mean**2, 1e-6)).tolist()
+
+
 def channel_stats(samples: Samples, spec: PipelineSpec, limit: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (0..255 scale) over up to `limit` images, un-augmented."""
     sub = Samples(samples.paths[:limit], samples.targets[:limit])
-    ds = build_dataset(sub, dataclasses.replace(spec, cache=False), training=False)
-    total = np.zeros(spec.channels)
-    sq = np.zeros(spec.channels)
-    count = 0
-    for images, _ in ds:
-        x = images.numpy().reshape(-1, spec.channels).astype(np.float64)
-        total += x.sum(0)
-        sq += (x**2).sum(0)
-        count += len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
-    return mean.tolist(), std.tolist()
+    return dataset_stats(build_dataset(sub, dataclasses.replace(spec, cache=False), training=False), spec.channels)

@@ -30,9 +30,10 @@ import tensorflow as tf
 
 from tfvision.config import Config
 from tfvision.data import features as F
-from tfvision.data.decode import decode, describe_error, image_shape, is_jpeg, is_png
+from tfvision.data.check import probe, rejection_reason
+from tfvision.data.decode import describe_error, image_shape, is_jpeg, is_png
 from tfvision.data.inputs import Inputs, class_tiers
-from tfvision.data.pipeline import PipelineSpec, from_elements
+from tfvision.data.pipeline import PipelineSpec, dataset_stats, from_elements
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
 from tfvision.fileio import atomic_path, write_json
@@ -74,7 +75,7 @@ def _probe(data: tf.Tensor, channels: int):
     """The check pass's decode (`tfvision.data.check`) plus the header facts a record keeps:
     (decoded shape, [h, w], channels stored in the file). JPEGs decode at 1/8 scale; the
     whole entropy-coded stream, where truncation and corruption show, is still read."""
-    checked = tf.shape(decode(data, channels, target=(1, 1)))
+    checked = probe(data, channels)
     png_type = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 25, 1), tf.uint8)[0], tf.int32)
     native = tf.case(
         [(is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[2]),
@@ -83,25 +84,6 @@ def _probe(data: tf.Tensor, channels: int):
         default=lambda: tf.shape(tf.io.decode_image(data, channels=0, expand_animations=False))[2],
     )
     return checked, image_shape(data), native
-
-
-def rejection_reason(path: str, channels: int) -> str:
-    """Why `path` failed the check, with the decoder's own message (run eagerly, as the
-    check pass does, because graph errors carry node names instead)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    if not data:
-        return "empty file"
-    try:
-        shape = tf.shape(decode(tf.constant(data), channels, target=(1, 1)))
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-        return _reason(e)
-    if int(shape[0]) == 0 or int(shape[1]) == 0:
-        return "image has zero size"
-    return "cannot be decoded"
 
 
 _CHECKERS: dict[int, object] = {}
@@ -115,10 +97,8 @@ def _checker(channels: int):
         @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
         def check(path):
             data = tf.io.read_file(path)
-            checked, hw, native = _probe(data, channels)
-            ok = tf.logical_and(checked[0] > 0, checked[1] > 0)
-            with tf.control_dependencies([tf.debugging.Assert(ok, ["image has zero size"])]):
-                return tf.identity(data), hw, native
+            _, hw, native = _probe(data, channels)  # probe asserts a non-empty image
+            return data, hw, native
 
         _CHECKERS[channels] = check
     return _CHECKERS[channels]
@@ -158,7 +138,8 @@ def write_shard(job: ShardJob) -> dict:
 
     def reject(upto):
         for j in range(expected, upto):
-            rejected.append({"path": rows[j][0], "reason": rejection_reason(rows[j][0], job.channels)})
+            rejected.append({"path": rows[j][0], "reason": rejection_reason(rows[j][0], job.channels)
+                             or "cannot be decoded"})
 
     with atomic_path(final) as tmp:
         with _record_writer(tmp, job.gzip) as writer:
@@ -247,9 +228,9 @@ def verify(root: str, progress: bool = True) -> tuple[list[str], int]:
             if batch:
                 tf.io.parse_example(tf.stack(batch), spec)
         except tf.errors.DataLossError as e:
-            error = f"unreadable after record {n}: {_reason(e)}"
+            error = f"unreadable after record {n}: {describe_error(e)}"
         except tf.errors.InvalidArgumentError as e:
-            error = f"a record among records {n - len(batch) + 1}..{n} does not parse: {_reason(e)}"
+            error = f"a record among records {n - len(batch) + 1}..{n} does not parse: {describe_error(e)}"
         if error:
             problems.append(f"{name}: {error}")
         elif n != shard["records"]:
@@ -424,12 +405,8 @@ class RecordInputs(Inputs):
     def channel_stats(self, spec, limit: int = 512):
         """Per-channel mean and std (0..255) over about `limit` training records, un-augmented."""
         spec = dataclasses.replace(spec, cache=False)
-        total, sq, count = np.zeros(spec.channels), np.zeros(spec.channels), 0
-        for images, *_ in self.dataset("train", spec, training=False).take(-(-limit // spec.batch_size)):
-            x = images.numpy().reshape(-1, spec.channels).astype(np.float64)
-            total, sq, count = total + x.sum(0), sq + (x**2).sum(0), count + len(x)
-        mean = total / count
-        return mean.tolist(), np.sqrt(np.maximum(sq / count - mean**2, 1e-6)).tolist()
+        ds = self.dataset("train", spec, training=False).take(-(-limit // spec.batch_size))
+        return dataset_stats(ds, spec.channels)
 
     def write_report(self, run_dir) -> dict:
         """data_report.json for a run on shards: the manifest's counts and rejected files."""
@@ -442,11 +419,6 @@ class RecordInputs(Inputs):
         }
         write_json(os.path.join(run_dir, "data_report.json"), report)
         return report
-
-
-def _reason(e: Exception) -> str:
-    """`describe_error` without the "name:" tail TF 2.21 appends to eager errors."""
-    return re.sub(r"\s*name:\s*$", "", describe_error(e))
 
 
 def _assert_message(e: Exception) -> str:
