@@ -37,9 +37,10 @@ import numpy as np
 import pandas as pd
 
 from tfvision import __version__
+from tfvision.cli import run_command
 from tfvision.config import Config, load_config
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
-from tfvision.errors import ConfigError, DataError, UserError
+from tfvision.errors import ConfigError, DataError
 from tfvision.fileio import read_json, write_json
 
 log = logging.getLogger("tfvision.convert")
@@ -79,19 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if args.verify:
-            return verify_cli(args.verify, progress=not args.quiet)
-        cfg = load_config(args.config, args.overrides)
-        convert(cfg, args.output, workers=args.workers, shard_mb=args.shard_mb,
-                overwrite=args.overwrite, gzip=args.gzip, progress=not args.quiet)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_command, parse_args, argv)
+
+
+def _command(args) -> int:
+    if args.verify:
+        return verify_cli(args.verify, progress=not args.quiet)
+    cfg = load_config(args.config, args.overrides)
+    convert(cfg, args.output, workers=args.workers, shard_mb=args.shard_mb,
+            overwrite=args.overwrite, gzip=args.gzip, progress=not args.quiet)
+    return 0
 
 
 def verify_cli(root: str, progress: bool = True) -> int:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from tfvision.cli import run_command
 from tfvision.errors import DataError, UserError
 
 log = logging.getLogger("tfvision.evaluate")
@@ -53,15 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        out = evaluate(args.run, args.split, tta=args.tta, ensemble=args.ensemble, ordinal=args.ordinal,
-                       match_distribution=args.match_distribution, batch_size=args.batch_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_command, parse_args, argv)
+
+
+def _command(args) -> int:
+    out = evaluate(args.run, args.split, tta=args.tta, ensemble=args.ensemble, ordinal=args.ordinal,
+                   match_distribution=args.match_distribution, batch_size=args.batch_size)
     log.info("report: %s", out / "report.md")
     return 0
 

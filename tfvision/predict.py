@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfvision.cli import run_command
 from tfvision.errors import UserError
 
 log = logging.getLogger("tfvision.predict")
@@ -58,14 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        return predict(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(predict, parse_args, argv)
 
 
 def list_images(folder) -> list[str]:

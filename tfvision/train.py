@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from tfvision import __version__
+from tfvision.cli import run_command
 from tfvision.config import PhaseConfig, json_schema, load_config
-from tfvision.errors import DataError, UserError
+from tfvision.errors import DataError
 from tfvision.run import load_run_config, new_run_dir, open_run
 
 log = logging.getLogger("tfvision.train")
@@ -47,22 +48,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    return run_command(_command, parse_args, argv)
+
+
+def _command(args) -> int:
     if args.print_schema:
         print(json.dumps(json_schema(), indent=2))
         return 0
-    try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg = load_run_config(run_dir)
-        else:
-            cfg = load_config(args.config, args.overrides)
-            run_dir = new_run_dir(cfg, args.output_dir)
-        return train(cfg, run_dir, check_only=args.check_data, verbose=0 if args.quiet else 2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = new_run_dir(cfg, args.output_dir)
+    return train(cfg, run_dir, check_only=args.check_data, verbose=0 if args.quiet else 2)
 
 
 def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
