@@ -1,0 +1,210 @@
+"""Feature extraction: parity with the backbone, labels and ids aligned, flat memory, inputs, failures."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+from sklearn.utils.class_weight import compute_class_weight
+
+from tests.conftest import jpeg_bytes, photo
+from tfvision.config import HeadConfig
+from tfvision.data.decode import decode
+from tfvision.extract import main
+from tfvision.models.heads import build_image_model, input_norm
+
+
+def image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """root/<class>/*.jpg|png: real photos at varied sizes."""
+    k = 0
+    for cls, n in per_class.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for _ in range(n):
+            arr = photo(k, (40, 64, 90)[k % 3])
+            if k % 2:
+                (root / cls / f"{k}.jpg").write_bytes(jpeg_bytes(arr))
+            else:
+                Image.fromarray(arr).save(root / cls / f"{k}.png")
+            k += 1
+    return root
+
+
+def pipeline_images(paths, size: int) -> np.ndarray:
+    """What the extraction pipeline feeds the model: decode by magic bytes, resize."""
+    return np.stack([tf.image.resize(decode(tf.io.read_file(str(p)), 3, target=(size, size)), (size, size)).numpy()
+                     for p in paths])
+
+
+def test_features_equal_backbone_predict_on_the_same_images(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = build_image_model("small_cnn", 3, 2, None, HeadConfig(), input_norm("small_cnn", "imagenet", 3))
+    ckpt = tmp_path / "best.keras"
+    model.save(ckpt)
+    images = image_folder(tmp_path / "images", {"cat": 4, "dog": 3})
+    out = tmp_path / "features"
+    assert main(["--backbone", "small_cnn", "--weights", str(ckpt), "--image-size", "32", "--input", str(images),
+                 "--output", str(out), "--batch-size", "3"]) == 0
+
+    ids = pd.read_csv(out / "ids.csv", dtype=str)
+    feats = np.load(out / "features.npy")
+    assert feats.shape == (7, 256) and feats.dtype == np.float32
+    x = pipeline_images(ids["path"], 32)
+    normalized = model.get_layer("normalize")(x)
+    want = model.get_layer("backbone").predict(normalized, verbose=0).mean(axis=(1, 2))  # + global average pool
+    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-6)
+    assert ids["row"].astype(int).tolist() == list(range(7))
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), [0, 0, 0, 0, 1, 1, 1])
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["feature_dim"] == 256 and meta["n_images"] == 7 and meta["class_counts"] == {"cat": 4, "dog": 3}
+    assert meta["label_encoder"] == {"cat": 0, "dog": 1} and meta["image_size"] == [32, 32]
+    for key in ("backbone", "timestamp", "images_per_s", "feature_stats", "class_weights"):
+        assert key in meta
+
+
+def test_onnx_engine_and_float16_give_the_keras_features(tmp_path):
+    images = image_folder(tmp_path / "images", {"a": 3, "b": 3})
+    args = ["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images)]
+    assert main([*args, "--output", str(tmp_path / "keras")]) == 0
+    assert main([*args, "--output", str(tmp_path / "onnx"), "--engine", "onnx", "--dtype", "float16"]) == 0
+    a = np.load(tmp_path / "keras" / "features.npy")
+    b = np.load(tmp_path / "onnx" / "features.npy")
+    assert a.shape == (6, 256) and b.dtype == np.float16
+    np.testing.assert_allclose(b.astype(np.float32), a, rtol=2e-3, atol=1e-4)  # float16 rounding only
+    assert json.loads((tmp_path / "onnx" / "metadata.json").read_text())["engine"] == "onnx"
+
+
+def test_csv_input_with_template_skips_unreadable_images_and_keeps_rows_aligned(tmp_path):
+    root = tmp_path / "rakuten"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(9):
+        name = f"image_{100 + i}_product_{7 + i}.jpg"
+        (root / "images" / name).write_bytes(jpeg_bytes(photo(i, 48)) if i != 4 else b"not a jpeg")
+        rows.append({"imageid": 100 + i, "productid": 7 + i, "prdtypecode": ["10", "2280", "50"][i % 3 if i < 6 else 0]})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    out = tmp_path / "features"
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input",
+                 str(root / "train.csv"), "--path-template", "images/image_{imageid}_product_{productid}.jpg",
+                 "--label-column", "prdtypecode", "--id-column", "imageid", "--output", str(out), "--tsne"]) == 0
+    ids = pd.read_csv(out / "ids.csv", dtype=str)
+    feats, labels = np.load(out / "features.npy"), np.load(out / "labels.npy")
+    assert len(ids) == len(feats) == len(labels) == 8
+    assert "104" not in ids["id"].tolist()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["n_rejected"] == 1 and meta["rejected"][0]["id"] == "104"
+    assert meta["class_names"] == ["10", "2280", "50"]
+    kept = [r for i, r in enumerate(rows) if i != 4]
+    np.testing.assert_array_equal(labels, [meta["class_names"].index(r["prdtypecode"]) for r in kept])
+    np.testing.assert_allclose(meta["class_weights"], compute_class_weight(
+        "balanced", classes=np.arange(3), y=labels), rtol=1e-5)
+    # row i of features.npy is the image named on row i of ids.csv
+    again = tmp_path / "again"
+    keep = root / "images" / f"image_{ids['id'][5]}_product_{int(ids['id'][5]) - 93}.jpg"
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / keep.name).write_bytes(keep.read_bytes())
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(one),
+                 "--output", str(again)]) == 0
+    np.testing.assert_allclose(np.load(again / "features.npy")[0], feats[5], rtol=1e-5, atol=1e-7)
+    assert (out / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _peak_bytes(tmp_path: Path, n: int, image: Path, trace: bool = True) -> tuple[int, int]:
+    """Peak Python-side allocation (numpy included) of one extraction over `n` images."""
+    csv = tmp_path / f"list{n}.csv"
+    pd.DataFrame({"path": [str(image)] * n, "id": [f"item{i:06d}" for i in range(n)]}).to_csv(csv, index=False)
+    out = tmp_path / f"out{n}"
+    args = ["--backbone", "efficientnetv2_b0", "--weights", "null", "--image-size", "32", "--input", str(csv),
+            "--id-column", "id", "--output", str(out), "--batch-size", "32"]
+    if not trace:
+        assert main(args) == 0
+        return 0, 0
+    tracemalloc.start()
+    try:
+        assert main(args) == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, np.load(out / "features.npy", mmap_mode="r").shape[1]
+
+
+def test_memory_stays_flat_as_the_image_count_grows(tmp_path):
+    image = tmp_path / "one.png"
+    Image.fromarray(photo(1, 40)).save(image)
+    _peak_bytes(tmp_path, 8, image, trace=False)  # warm-up: one-off allocations of the first run
+    small, dim = _peak_bytes(tmp_path, 64, image)
+    large, _ = _peak_bytes(tmp_path, 448, image)
+    features = (448 - 64) * dim * 4  # what keeping the features in memory would add (1.9 MB)
+    # What does grow: one id, one path and one flag per image (about 0.2 KB against 5 KB of features).
+    assert large - small < 0.15 * features, (small, large, features)
+
+
+def test_nan_features_stop_with_exit_1_and_no_output(tmp_path, monkeypatch, capsys):
+    import tfvision.extract as ex
+
+    images = image_folder(tmp_path / "images", {"a": 2})
+    monkeypatch.setattr(ex, "keras_engine", lambda model: lambda x: np.full((len(x), 256), np.nan, np.float32))
+    out = tmp_path / "features"
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
+                 "--output", str(out)]) == 1
+    assert "NaN/Inf features" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".features*"))
+
+
+def test_float16_overflow_is_named(tmp_path, monkeypatch, capsys):
+    import tfvision.extract as ex
+
+    images = image_folder(tmp_path / "images", {"a": 2})
+    monkeypatch.setattr(ex, "keras_engine", lambda model: lambda x: np.full((len(x), 256), 1e6, np.float32))
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
+                 "--output", str(tmp_path / "f"), "--dtype", "float16"]) == 1
+    assert "use --dtype float32" in capsys.readouterr().err
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--input", str(tmp_path / "nope.csv"),
+                 "--output", str(tmp_path / "o")]) == 2
+    (tmp_path / "list.csv").write_text("file,label\na.jpg,x\n")
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--input", str(tmp_path / "list.csv"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "--path-column" in capsys.readouterr().err
+    assert main(["--backbone", "small_cnm", "--weights", "null", "--input", str(tmp_path / "list.csv"),
+                 "--path-column", "file", "--output", str(tmp_path / "o")]) == 2
+    assert "did you mean 'small_cnn'" in capsys.readouterr().err
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-00000-of-00001.tfrecord").write_bytes(b"")
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--input", str(shards),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_tfrecord_shards_give_the_same_features_as_the_files(small_digits, tmp_path):
+    convert = pytest.importorskip("tfvision.convert")
+    from tests.test_tfrecord import write_config
+    from tfvision.config import load_config
+
+    cfg = load_config(write_config(small_digits, tmp_path))
+    shards = tmp_path / "shards"
+    convert.convert(cfg, shards, shard_mb=0.03, gzip=False, progress=False)
+    out = tmp_path / "from_records"
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(shards),
+                 "--split", "val", "--output", str(out)]) == 0
+    ids = pd.read_csv(out / "ids.csv", dtype=str)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["n_images"] == len(ids) > 0 and meta["class_names"] == [str(i) for i in range(10)]
+    files = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(small_digits / p) for p in ids["id"]], "label": ids["label"]}).to_csv(files, index=False)
+    direct = tmp_path / "from_files"
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(files),
+                 "--output", str(direct)]) == 0
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(direct / "features.npy"), rtol=1e-5, atol=1e-7)
+    labels = np.load(out / "labels.npy")
+    np.testing.assert_array_equal(labels, [meta["class_names"].index(v) for v in ids["label"]])

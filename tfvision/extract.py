@@ -1,0 +1,487 @@
+"""Frozen-backbone features: ``python -m tfvision.extract --backbone efficientnetv2_b0 --input X --output OUT``.
+
+Runs a backbone with global average pooling, in inference mode, over every
+image and writes, for downstream classifiers (the Rakuten preprocessing
+document's feature-extraction step):
+
+    OUT/features.npy   (N, D) float32 or float16, row i = image i of ids.csv
+    OUT/labels.npy     (N,) class indices, or (N, K) multi-hot, when labels exist
+    OUT/ids.csv        row, id, path, label
+    OUT/metadata.json  backbone, weights, image size, feature dim, counts, class weights
+                       (scikit-learn "balanced"), feature stats, speed, timestamp, rejected images
+    OUT/tsne.png       with --tsne
+
+Inputs: a CSV (``--path-column`` or ``--path-template``, optional
+``--label-column`` and ``--id-column``), an image folder (class sub-folders
+give labels), or a TFRecord shard folder made by ``python -m tfvision.convert``.
+Images go through the evaluation pipeline (`tfvision.data.pipeline`): decode
+by magic bytes, resize; normalisation is the backbone's ImageNet one (or the
+run's, with ``--weights RUN/checkpoints/best.keras``).
+
+Memory stays flat whatever N: features and labels stream into ``.npy``
+memory maps, ids.csv is appended batch by batch. Unreadable images are
+skipped, listed in metadata.json, and leave no row. NaN or Inf in a batch
+stops the command (exit 1; with ``--dtype float16`` it usually means values
+beyond float16's range: use float32). Output appears atomically.
+
+Exit codes: 0 success; 2 bad arguments or data (one line on stderr); 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import logging
+import os
+import shutil
+import string
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tfvision import __version__
+from tfvision.errors import DataError, UserError
+from tfvision.fileio import atomic_path, write_json
+
+log = logging.getLogger("tfvision.extract")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+TSNE_MAX_POINTS = 5000
+
+
+class NonFiniteFeatures(RuntimeError):
+    """A batch produced NaN or Inf features."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class Listing:
+    """What to extract: N images with ids, and optional labels (class names)."""
+
+    def __init__(self, ids, paths, labels=None, description=""):
+        self.ids, self.paths, self.labels, self.description = list(ids), list(paths), labels, description
+        self.class_names = sorted(set(labels)) if labels is not None else None
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def list_csv(path: Path, path_column: str, label_column: str | None, id_column: str | None,
+             path_template: str | None, root: Path | None) -> Listing:
+    import pandas as pd
+
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    root = root or path.parent
+    if path_template:
+        fields = [f for _, f, _, _ in string.Formatter().parse(path_template) if f]
+        absent = [f for f in fields if f not in frame]
+        if absent:
+            raise DataError(f"--path-template uses column(s) {absent} not in {path}")
+        rel = [path_template.format(**row) for row in frame.to_dict("records")]
+    elif path_column in frame:
+        rel = frame[path_column].tolist()
+    else:
+        raise DataError(f"{path}: no column {path_column!r} (columns: {list(frame.columns)}); "
+                        f"pass --path-column or --path-template")
+    paths = [str(root / p) for p in rel]
+    if id_column and id_column not in frame:
+        raise DataError(f"{path}: no column {id_column!r} for --id-column")
+    ids = frame[id_column].tolist() if id_column else rel
+    labels = None
+    if label_column and label_column in frame:
+        labels = frame[label_column].tolist()
+    return Listing(ids, paths, labels, f"csv {path}")
+
+
+def list_folder(root: Path) -> Listing:
+    """root/*.jpg (no labels) or root/<class>/**/*.jpg (labels: the folder names)."""
+    top = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    nested = [(c.name, sorted(f for f in c.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+              for c in classes]
+    nested = [(c, files) for c, files in nested if files]
+    if top and nested:
+        raise DataError(f"{root}: images both at the top and in class folders; use one layout or a CSV")
+    if top:
+        return Listing([p.name for p in top], [str(p) for p in top], None, f"folder {root}")
+    if not nested:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    files = [(c, f) for c, fs in nested for f in fs]
+    return Listing([str(f.relative_to(root)) for _, f in files], [str(f) for _, f in files],
+                   [c for c, _ in files], f"class folders {root}")
+
+
+def is_tfrecord_dir(root: Path) -> bool:
+    return root.is_dir() and ((root / "manifest.json").is_file() or any(root.glob("*.tfrecord*")))
+
+
+# --------------------------------------------------------------------------- model and engines
+
+
+def feature_model(backbone: str, weights: str | None, image_size: int, channels: int):
+    """Input (0..255) -> normalisation -> frozen backbone -> global average pooling."""
+    import keras
+
+    from tfvision.models.layers import ImageNormalization
+
+    shape = (image_size, image_size, channels)
+    if weights and weights.endswith(".keras"):  # a tfvision checkpoint: its backbone and normalisation
+        import tfvision.models.unet_blocks  # noqa: F401  (registers layers the checkpoint may use)
+
+        trained = keras.saving.load_model(weights, compile=False)
+        net, norm = trained.get_layer("backbone"), trained.get_layer("normalize")
+        normalize = ImageNormalization(norm.mean, norm.std, norm.bgr, name="normalize")
+    else:
+        from tfvision.models.backbones import build_backbone
+        from tfvision.models.heads import input_norm
+
+        net = build_backbone(backbone, shape, weights)
+        n = input_norm(backbone, "imagenet", channels)
+        normalize = ImageNormalization(n.mean, n.std, n.bgr and channels >= 3, name="normalize")
+    net.trainable = False
+    inputs = keras.Input(shape, name="image")
+    x = net(normalize(inputs), training=False)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(x), name="features")
+
+
+def keras_engine(model):
+    """A compiled tf.function (about 2x `model.predict` per batch on CPU, see benchmarks/)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    return lambda images: fn(images).numpy()
+
+
+def onnx_engine(model):
+    """The same graph through tf2onnx and ONNX Runtime (see `tfvision.serving` for the fixes)."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from tfvision import serving
+
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
+    fn = tf.function(lambda image: {"features": model(image, training=False)}, input_signature=[spec])
+    onnx_model = serving.to_onnx(serving.freeze(fn.get_concrete_function()))
+    options = ort.SessionOptions()
+    # ORT's intra-op threads spin while they wait for work (its default); here they would
+    # spin on the cores the tf.data decode threads need (2-core runs: 31-43 -> 48-54 img/s).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(onnx_model.SerializeToString(), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["features"], {"image": np.asarray(images, np.float32)})[0]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _elements_from_listing(listing: Listing):
+    import tensorflow as tf
+
+    n = len(listing)
+    return tf.data.Dataset.from_tensor_slices({
+        "path": np.asarray(listing.paths, dtype=str), "row": np.arange(n, dtype=np.int64),
+        "target": np.zeros((n, 1), np.float32), "tier": np.zeros(n, np.int32)})
+
+
+def _elements_from_records(root: Path, splits: list[str]):
+    """(elements, n, class_names, task) from a shard folder; every record carries its id."""
+    try:
+        from tfvision.data import features as F
+        from tfvision.data.tfrecord import read_manifest
+    except ImportError:
+        raise DataError(f"{root}: TFRecord input is not supported yet by this tfvision "
+                        "(tfvision.data.tfrecord is missing); pass a CSV or an image folder") from None
+    import tensorflow as tf
+
+    manifest = read_manifest(str(root))
+    names = [s["name"] for s in manifest["shards"] if s["name"].split("-", 1)[0] in splits]
+    n = sum(int(manifest["counts"].get(s, 0)) for s in splits)
+    if not names:
+        raise DataError(f"{root}: no {'/'.join(splits)} shards")
+    spec = F.parse_spec(manifest["num_classes"], has_known=manifest["has_known"], has_eval=manifest["has_eval"],
+                        has_mask=manifest["has_mask"], keys=(F.ENCODED, F.ID, F.TARGET))
+    compression = "GZIP" if manifest.get("compression") == "GZIP" else ""
+    records = tf.data.TFRecordDataset([str(root / x) for x in names], compression)
+
+    def element(row, record):
+        p = tf.io.parse_single_example(record, spec)
+        return {"bytes": p[F.ENCODED], "id": p[F.ID], "label": p[F.TARGET], "row": row,
+                "target": tf.zeros([1]), "tier": tf.constant(0, tf.int32)}
+
+    return records.enumerate().map(element), n, list(manifest["class_names"]), manifest.get("task")
+
+
+def feature_dataset(elements, n: int, image_size: int, channels: int, batch_size: int, engine: str):
+    """The evaluation pipeline (decode by magic bytes, resize, batch) over extraction elements."""
+    import tensorflow as tf
+
+    from tfvision.config import AugmentParams
+    from tfvision.data.pipeline import PipelineSpec, from_elements
+
+    spec = PipelineSpec(image_size=(image_size, image_size), channels=channels, batch_size=batch_size,
+                        tiers=[AugmentParams()], augment=False)
+    dataset = from_elements(elements, spec, training=False, format_batch=lambda b: b, size_hint=n)
+    options = tf.data.Options()
+    # TF 2.21: with tf.data autotuning on, leaving the `for batch in dataset` loop stalled for
+    # seconds after the last batch whenever the model was slower than the pipeline (8 s after
+    # 1024 images at 224 px on 2 cores, 40% of the run). Without it, AUTOTUNE parallelism falls
+    # back to one call per core, which measured as fast for this decode-and-resize pipeline.
+    options.autotune.enabled = False
+    if engine == "onnx":
+        # ONNX Runtime brings its own thread pool; a small tf.data pool for decoding keeps the two
+        # from oversubscribing the cores (decoding is ~1 CPU-ms per image against ~14 for the model).
+        options.threading.private_threadpool_size = max(1, (os.cpu_count() or 1) // 4)
+    return dataset.with_options(options)
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def extract(args) -> dict:
+    """Run the extraction into args.output; returns metadata.json's content."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from tfvision.losses import class_weights
+
+    source = Path(args.input)
+    if is_tfrecord_dir(source):
+        elements, n, class_names, task = _elements_from_records(source, args.split)
+        listing, multilabel = None, task == "multilabel"
+        description = f"tfrecord {source} ({', '.join(args.split)})"
+    else:
+        listing = (list_folder(source) if source.is_dir() else
+                   list_csv(source, args.path_column, args.label_column, args.id_column, args.path_template,
+                            Path(args.root) if args.root else None))
+        elements, n, class_names, multilabel, task = (_elements_from_listing(listing), len(listing),
+                                                      listing.class_names, False, None)
+        description = listing.description
+        index = {c: i for i, c in enumerate(class_names or [])}
+    if n == 0:
+        raise DataError(f"{source}: no images")
+    has_labels = class_names is not None and (listing.labels is not None if listing is not None
+                                              else task in ("classification", "multilabel"))
+
+    import keras
+
+    keras.utils.set_random_seed(args.seed)  # --weights null: the same random backbone every run
+    model = feature_model(args.backbone, args.weights, args.image_size, args.channels)
+    dim = int(model.output_shape[-1])
+    engine = onnx_engine(model) if args.engine == "onnx" else keras_engine(model)
+    dataset = feature_dataset(elements, n, args.image_size, args.channels, args.batch_size, args.engine)
+    engine(np.zeros((1, args.image_size, args.image_size, args.channels), np.float32))  # trace before timing
+
+    out = Path(args.output)
+    dtype = np.dtype(args.dtype)
+    feats = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=dtype, shape=(n, dim))
+    label_shape = (n, len(class_names)) if multilabel else (n,)
+    labels = (np.lib.format.open_memmap(out / "labels.npy", mode="w+", dtype=np.int64, shape=label_shape)
+              if has_labels else None)
+    total, total_sq, rows = np.zeros(dim), np.zeros(dim), 0
+    done = np.zeros(n, bool)  # 1 byte per input image: which ones produced a row
+    start = time.perf_counter()
+    with open(out / "ids.csv", "w", newline="") as f, tqdm(total=n, unit="img", desc="extracting") as bar:
+        writer = csv.writer(f)
+        writer.writerow(["row", "id", "path", "label"])
+        for batch in dataset:
+            x = engine(batch["image"])
+            idx = batch["row"].numpy()
+            with np.errstate(over="ignore"):  # float16 overflow becomes Inf, reported just below
+                stored = np.asarray(x, np.float32).astype(dtype, copy=False)
+            bad = ~np.isfinite(stored).all(axis=1)
+            if bad.any():
+                which = [_id_of(listing, batch, i, idx) for i in np.flatnonzero(bad)[:5]]
+                hint = " (float16 overflow? use --dtype float32)" if dtype == np.float16 and np.isfinite(x).all() else ""
+                raise NonFiniteFeatures(f"NaN/Inf features for {which}{hint}")
+            b = len(idx)
+            feats[rows : rows + b] = stored
+            total += stored.sum(0, dtype=np.float64)
+            total_sq += np.square(stored, dtype=np.float64).sum(0)
+            for j, i in enumerate(idx):
+                row_id, path, label = _row(listing, batch, j, i, class_names, multilabel)
+                writer.writerow([rows + j, row_id, path, label])
+            if labels is not None:
+                if listing is not None:
+                    labels[rows : rows + b] = [index[listing.labels[i]] for i in idx]
+                else:
+                    target = batch["label"].numpy()
+                    labels[rows : rows + b] = (target >= 0.5).astype(np.int64) if multilabel else target.argmax(1)
+            rows += b
+            done[idx] = True
+            bar.update(b)
+    elapsed = time.perf_counter() - start
+    kept = rows
+    del feats, labels  # flushes the memory maps
+    if kept < n:  # unreadable images were skipped: shrink the files to the rows written
+        _truncate(out / "features.npy", kept)
+        if has_labels:
+            _truncate(out / "labels.npy", kept)
+    rejected = _rejected(done, listing)
+    for r in rejected[:10]:
+        log.warning("skipped unreadable image %s", r.get("path", r.get("record")))
+    mean = total / max(kept, 1)
+    std = np.sqrt(np.maximum(total_sq / max(kept, 1) - mean**2, 0.0))
+    meta = {
+        "backbone": args.backbone, "weights": args.weights, "image_size": [args.image_size, args.image_size],
+        "channels": args.channels, "feature_dim": dim, "dtype": args.dtype, "engine": args.engine,
+        "pooling": "global_average", "input": description, "n_images": kept, "n_input": n,
+        "n_rejected": n - kept, "rejected": rejected,
+        "tfvision_version": __version__, "tensorflow_version": tf.__version__,
+        "timestamp": dt.datetime.now().isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 3), "images_per_s": round(kept / elapsed, 2) if elapsed > 0 else None,
+        "feature_stats": {"mean": float(mean.mean()), "std": float(np.sqrt((std**2 + (mean - mean.mean())**2).mean())),
+                          "mean_dim_std": float(std.mean())},
+    }
+    if has_labels:
+        lab = np.load(out / "labels.npy", mmap_mode="r")
+        counts = (np.asarray(lab).sum(0) if multilabel else np.bincount(lab, minlength=len(class_names))).astype(int)
+        meta.update(class_names=class_names, label_encoder={c: i for i, c in enumerate(class_names)},
+                    num_classes=len(class_names), labels="multi-hot" if multilabel else "index",
+                    class_counts={c: int(k) for c, k in zip(class_names, counts, strict=True)},
+                    # = sklearn compute_class_weight("balanced"): N / (K * n_k)
+                    class_weights=[round(float(w), 6) for w in class_weights(counts, "inverse")])
+    log.info("%d images, %d features each, %.1f img/s (%s engine)", kept, dim, meta["images_per_s"] or 0, args.engine)
+    return meta
+
+
+def _id_of(listing, batch, j, idx):
+    return listing.ids[idx[j]] if listing is not None else batch["id"][j].numpy().decode()
+
+
+def _row(listing, batch, j, i, class_names, multilabel):
+    if listing is not None:
+        return listing.ids[i], listing.paths[i], listing.labels[i] if listing.labels is not None else ""
+    target = batch["label"][j].numpy()
+    label = ";".join(c for c, t in zip(class_names, target, strict=True) if t >= 0.5) if multilabel else (
+        class_names[int(target.argmax())])
+    return batch["id"][j].numpy().decode(), "", label
+
+
+def _rejected(done: np.ndarray, listing) -> list[dict]:
+    """Input rows that produced no feature row (the pipeline skipped them as unreadable)."""
+    missing = np.flatnonzero(~done)
+    if listing is None:
+        return [{"record": int(i), "reason": "could not be decoded"} for i in missing]
+    return [{"id": listing.ids[i], "path": listing.paths[i], "reason": "unreadable image"} for i in missing]
+
+
+def _truncate(path: Path, rows: int, chunk: int = 4096) -> None:
+    """Rewrite an .npy memmap with only its first `rows` rows, chunk by chunk (flat memory)."""
+    src = np.load(path, mmap_mode="r")
+    tmp = path.with_name(path.name + ".tmp")
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(rows, *src.shape[1:]))
+    for s in range(0, rows, chunk):
+        dst[s : s + chunk] = src[s : min(s + chunk, rows)]
+    dst.flush()
+    del dst, src
+    os.replace(tmp, path)
+
+
+def tsne_plot(out: Path, meta: dict, seed: int = 0) -> None:
+    """2-D t-SNE of up to 5000 feature rows, coloured by label, to tsne.png."""
+    from sklearn.manifold import TSNE
+
+    from tfvision.plots import _pyplot
+
+    feats = np.load(out / "features.npy", mmap_mode="r")
+    n = len(feats)
+    if n < 5:
+        log.warning("--tsne: %d images are too few for a t-SNE plot; skipped", n)
+        return
+    take = np.sort(np.random.default_rng(seed).choice(n, min(n, TSNE_MAX_POINTS), replace=False))
+    x = np.asarray(feats[take], np.float32)
+    xy = TSNE(n_components=2, perplexity=min(30.0, (len(take) - 1) / 3), init="pca",
+              random_state=seed).fit_transform(x)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 8))
+    color = None
+    if (out / "labels.npy").is_file() and meta.get("labels") == "index":
+        color = np.load(out / "labels.npy", mmap_mode="r")[take]
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="tab20" if color is not None else None, s=6, alpha=0.7)
+    if color is not None and len(meta["class_names"]) <= 20:
+        handles, _ = points.legend_elements(num=list(range(len(meta["class_names"]))))
+        ax.legend(handles, meta["class_names"], fontsize=7, loc="best", markerscale=0.8)
+    ax.set_title(f"t-SNE of {meta['backbone']} features ({len(take)} of {n} images)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    try:
+        with atomic_path(out / "tsne.png", suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tfvision.extract",
+        description="Extract frozen-backbone features to .npy. Exit 0 ok, 2 bad arguments or data, 1 other.")
+    p.add_argument("--backbone", required=True, help="registered backbone, e.g. efficientnetv2_b0")
+    p.add_argument("--weights", default="imagenet",
+                   help="imagenet, null (random), a backbone weights file, or a run's checkpoints/best.keras")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--input", required=True, help="CSV, image folder, or TFRecord shard folder")
+    p.add_argument("--output", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--engine", choices=["keras", "onnx"], default="keras")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="features.npy dtype")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tsne", action="store_true", help="also write tsne.png")
+    p.add_argument("--seed", type=int, default=0, help="seed (random weights with --weights null, t-SNE)")
+    p.add_argument("--path-column", default="path", help="CSV: image path column (relative to --root)")
+    p.add_argument("--path-template", help="CSV: path from columns, e.g. image_{imageid}_product_{productid}.jpg")
+    p.add_argument("--label-column", default="label", help="CSV: label column, used when present")
+    p.add_argument("--id-column", help="CSV: id column (default: the path)")
+    p.add_argument("--root", help="CSV: folder that relative paths start from (default: the CSV's folder)")
+    p.add_argument("--split", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"],
+                   help="TFRecord: which splits' shards to read")
+    args = p.parse_args(argv)
+    if args.weights in ("null", "none", "None"):
+        args.weights = None
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    out = Path(args.output)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if not Path(args.input).exists():
+            raise DataError(f"--input: {args.input} does not exist")
+        if args.weights not in (None, "imagenet") and not Path(args.weights).is_file():
+            raise UserError(f"--weights: {args.weights!r} is neither imagenet, null, nor an existing file")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        final_args = argparse.Namespace(**{**vars(args), "output": str(tmp)})
+        meta = extract(final_args)
+        write_json(tmp / "metadata.json", meta)
+        if args.tsne:
+            tsne_plot(tmp, meta, args.seed)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteFeatures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("features written to %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

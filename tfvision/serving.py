@@ -1,0 +1,357 @@
+"""The serving graph and its conversion to ONNX and TFLite.
+
+`ServingModule` wraps a trained Keras model (logits out) into the graph every
+export ships: uint8 images [N, H, W, C] at any size in; resize to the run's
+image size, normalisation (the model's own `ImageNormalization` layer),
+backbone, head, temperature and softmax/sigmoid inside; ``probabilities`` and
+``labels`` out. A second function takes encoded JPEG/PNG bytes and decodes
+them with the training pipeline's own `decode` (magic bytes, DCT downscaling).
+
+The converters get a *frozen, flattened* GraphDef of that function
+(`freeze`), never the Keras model, because of three failures with
+TensorFlow 2.21, Keras 3.15 and tf2onnx 1.17 (each fixed where it occurs):
+
+1. Keras 3's TF backend runs grouped convolutions (ConvNeXt's "depthwise"
+   ``Conv2D(groups=C)``) inside a ``tf.function(jit_compile=True)`` because TF
+   has no CPU kernel for them. The traced graph holds a
+   ``StatefulPartitionedCall`` marked ``_XlaMustCompile``/``_noinline`` that
+   grappler refuses to inline; tf2onnx then reports "Tensorflow op
+   [...depthwise_conv_1/StatefulPartitionedCall] is not supported" and ONNX
+   Runtime rejects the model ("No Op registered for StatefulPartitionedCall").
+   Fix: drop those two attributes from the frozen GraphDef and inline with
+   grappler; the grouped ``Conv2D`` left behind converts natively (ONNX
+   ``Conv(group=C)``, TFLite ``CONV_2D`` with a [C, kh, kw, 1] filter).
+2. TFLite's converter keeps Keras 3 variables as resource variables
+   (``VAR_HANDLE``/``READ_VARIABLE``) with nothing to initialise them: a 4.7 MB
+   model becomes a 31 KB flatbuffer that outputs NaN, with no error
+   (``from_concrete_functions`` and ``from_saved_model`` alike). Fix: convert
+   the frozen graph (variables folded into constants).
+3. Exact GELU (ConvNeXt) is ``0.5 * x * erfc(-x / sqrt(2))`` in TF 2.21 and
+   tf2onnx 1.17 has no ``Erfc`` handler. Fix (ONNX only): convert ``Erfc(y)``
+   to ``1 - Erf(y)``, exact up to float32 rounding (< 1e-6 after the GELU
+   product). TFLite needs no fix: it fuses the ``Erfc`` pattern into its
+   ``GELU`` builtin, and rewriting it first would break that fusion.
+
+(The fourth known failure, Keras ``Normalization`` constants becoming missing
+ONNX inputs, does not occur: tfvision models normalise with
+`ImageNormalization`, whose constants are Python lists baked into the graph.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from tfvision.data.decode import decode
+
+# Conservative default: opset 17 loads in ONNX Runtime >= 1.13 and most other runtimes.
+ONNX_OPSET = 17
+OUTPUTS = ("probabilities", "labels")
+
+
+def decision_rule(activation: str, decision: dict | None, num_classes: int) -> dict:
+    """The labels rule baked into the graph, from thresholds.json (see `tfvision.inference.decide`).
+
+    ``argmax`` (softmax), ``multilabel`` (sigmoid, per-class ``thresholds``, default 0.5) and
+    ``ordinal`` (``cuts`` on the expected grade) are exported. ``distribution`` matches class
+    fractions over a whole batch, which a per-request graph cannot do: it exports as argmax.
+    """
+    decision = decision or {}
+    if activation == "sigmoid":
+        th = np.broadcast_to(np.asarray(decision.get("thresholds", 0.5), np.float64), (num_classes,))
+        return {"kind": "multilabel", "thresholds": [float(t) for t in th]}
+    if decision.get("kind") == "ordinal":
+        return {"kind": "ordinal", "cuts": [float(c) for c in decision["cuts"]]}
+    return {"kind": "argmax"}
+
+
+def postprocess(logits, activation: str, temperature: float, rule: dict) -> dict:
+    """Probabilities and predicted labels from logits, over the last axis.
+
+    Works for vector outputs [N, K] and dense per-pixel outputs [N, h, w, K]
+    alike: argmax -> class index; multilabel -> multi-hot [..., K];
+    ordinal -> number of cuts below the expected grade sum(p_k * k).
+    """
+    logits = tf.cast(logits, tf.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if activation == "sigmoid":
+        probs = tf.sigmoid(logits)
+    elif activation == "softmax":
+        probs = tf.nn.softmax(logits, axis=-1)
+    else:
+        raise ValueError(f"unknown activation {activation!r} (softmax or sigmoid)")
+    if rule["kind"] == "multilabel":
+        labels = tf.cast(probs >= tf.constant(rule["thresholds"], tf.float32), tf.int64)
+    elif rule["kind"] == "ordinal":
+        grade = tf.reduce_sum(probs * tf.range(tf.shape(probs)[-1], dtype=tf.float32), axis=-1)
+        # == np.digitize(grade, cuts) for increasing cuts, without searchsorted (no ONNX/TFLite op)
+        labels = tf.reduce_sum(tf.cast(grade[..., None] >= tf.constant(rule["cuts"], tf.float32), tf.int64), -1)
+    else:
+        labels = tf.argmax(probs, axis=-1)
+    return {"probabilities": probs, "labels": labels}
+
+
+class ServingModule(tf.Module):
+    """uint8 images (any size) or encoded bytes -> probabilities and labels.
+
+    >>> module = ServingModule(model, image_size=(224, 224), channels=3, activation="softmax")
+    >>> module.serve(tf.zeros([2, 480, 640, 3], tf.uint8))["probabilities"].shape
+    TensorShape([2, K])
+
+    Args:
+        model: Keras model, float image on the 0..255 scale in, logits out
+            (normalisation is a layer of the model).
+        image_size: (H, W) the model was trained at; inputs are resized to it.
+        channels: image channels.
+        activation: ``softmax`` or ``sigmoid`` (run.json ``activation``).
+        temperature: fitted temperature; logits are divided by it.
+        decision: the run's thresholds.json (see `decision_rule`), or None.
+    """
+
+    def __init__(self, model, *, image_size, channels: int, activation: str, temperature: float = 1.0,
+                 decision: dict | None = None):
+        super().__init__(name="tfvision_serving")
+        # Only the variables are saved, not the Keras object graph: the SavedModel then loads
+        # in about half the time and needs no Keras (or tfvision) to run.
+        self._keras = _Untracked(model)
+        self.model_variables = [getattr(v, "value", v) for v in model.variables]
+        self.image_size = tuple(int(s) for s in image_size)
+        self.channels = int(channels)
+        self.activation = activation
+        self.temperature = float(temperature)
+        self.rule = _Untracked(decision_rule(activation, decision, int(model.outputs[0].shape[-1])))
+        self.serve = tf.function(self._serve, input_signature=[
+            tf.TensorSpec([None, None, None, self.channels], tf.uint8, name="image")])
+        self.serve_bytes = tf.function(self._serve_bytes, input_signature=[
+            tf.TensorSpec([None], tf.string, name="image_bytes")])
+
+    def logits(self, images):
+        """float32 images [N, H, W, C] on 0..255 at any size -> logits."""
+        x = tf.image.resize(tf.cast(images, tf.float32), self.image_size)  # bilinear, as the pipeline
+        return self.model(x, training=False)
+
+    @property
+    def model(self):
+        return self._keras.obj
+
+    def _serve(self, image):
+        return postprocess(self.logits(image), self.activation, self.temperature, self.rule.obj)
+
+    def _serve_bytes(self, image_bytes):
+        size = self.image_size
+
+        def one(data):
+            # Exactly the evaluation pipeline: decode by magic bytes, then resize.
+            return tf.image.resize(decode(data, self.channels, target=size), size)
+
+        images = tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec(
+            [size[0], size[1], self.channels], tf.float32))
+        return postprocess(self.model(images, training=False), self.activation, self.temperature,
+                           self.rule.obj)
+
+
+class _Untracked:
+    """A plain holder: tf.Module does not track what is inside it."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+@dataclasses.dataclass
+class FrozenGraph:
+    """A self-contained GraphDef: constants instead of variables, no nested functions."""
+
+    graph_def: tf.compat.v1.GraphDef
+    inputs: dict[str, str]  # name -> tensor name ("image" -> "image:0")
+    outputs: dict[str, str]  # name -> tensor name ("probabilities" -> "Identity_1:0")
+    input_signature: list[tf.TensorSpec]
+
+
+_NO_INLINE_ATTRS = ("_XlaMustCompile", "_noinline")
+
+
+def freeze(fn: tf.types.experimental.ConcreteFunction) -> FrozenGraph:
+    """Fold variables into constants and inline every function call (see failures 1 and 2)."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(fn, lower_control_flow=False, aggressive_inlining=True)
+    graph_def = frozen.graph.as_graph_def()
+    # Failure 1: Keras wraps grouped convolutions in jit_compile functions that grappler never
+    # inlines. XLA is only a CPU-kernel workaround in TF; the converters have their own kernels.
+    for node in graph_def.node:
+        for attr in _NO_INLINE_ATTRS:
+            if attr in node.attr:
+                del node.attr[attr]
+    for function in graph_def.library.function:
+        for attr in _NO_INLINE_ATTRS:
+            if attr in function.attr:
+                del function.attr[attr]
+    signature = [s for s in tf.nest.flatten(fn.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+    inputs = {s.name: t.name for s, t in zip(signature, frozen.inputs, strict=True)}
+    # The frozen function returns a flat list, in tf.nest order of the original dict: sorted keys.
+    if not isinstance(fn.structured_outputs, dict):
+        raise TypeError("freeze() needs a function that returns a dict of named tensors")
+    keys = sorted(fn.structured_outputs)
+    outputs = {k: t.name for k, t in zip(keys, frozen.outputs, strict=True)}
+    graph_def = _inline(graph_def, list(inputs.values()) + list(outputs.values()))
+    left = sorted({n.op for n in graph_def.node if n.op.endswith("PartitionedCall")})
+    if left or graph_def.library.function:
+        raise RuntimeError(f"could not inline every function of the serving graph (left: {left})")
+    return FrozenGraph(graph_def, inputs, outputs, signature)
+
+
+def _inline(graph_def, keep: list[str]):
+    """Grappler's function inlining and constant folding on a GraphDef."""
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.optimizers[:] = ["function", "constfold", "dependency"]
+    with tf.Graph().as_default():  # export_meta_graph refuses to run eagerly
+        meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=graph_def)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(keep)
+    meta_graph.collection_def["train_op"].CopyFrom(fetch)
+    return tf_optimizer.OptimizeGraph(config, meta_graph)
+
+
+def as_function(graph: FrozenGraph):
+    """The frozen graph as a tf.function with the original named inputs and outputs."""
+    wrapped = tf.compat.v1.wrap_function(
+        lambda: tf.compat.v1.import_graph_def(graph.graph_def, name=""), [])
+    names = list(graph.outputs)
+    pruned = wrapped.prune(feeds=[wrapped.graph.get_tensor_by_name(t) for t in graph.inputs.values()],
+                           fetches=[wrapped.graph.get_tensor_by_name(graph.outputs[k]) for k in names])
+
+    @tf.function(input_signature=graph.input_signature)
+    def fn(*args):
+        return dict(zip(names, pruned(*args), strict=True))
+
+    return fn
+
+
+class _Holder(tf.Module):
+    """Owns a function for TFLite's converter (without a trackable owner it takes a deprecated
+    path that writes no signature, so the interpreter has no named inputs and outputs)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _erfc_to_erf(ctx, node, name, args):
+    """tf2onnx handler, failure 3: Erfc(y) = 1 - Erf(y) (ONNX has Erf, not Erfc)."""
+    del args
+    dtype = ctx.get_dtype(node.input[0])
+    one = ctx.make_const(f"{name}/one", np.array(1.0, _onnx_to_numpy(dtype)))
+    erf = ctx.make_node("Erf", [node.input[0]], op_name_scope=name)
+    shapes, dtypes = node.output_shapes, node.output_dtypes
+    ctx.remove_node(node.name)
+    ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=[node.output[0]], name=name,
+                  shapes=shapes, dtypes=dtypes)
+
+
+def _onnx_to_numpy(onnx_dtype):
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(onnx_dtype)
+
+
+def to_onnx(graph: FrozenGraph, metadata: dict | None = None, opset: int = ONNX_OPSET):
+    """ONNX ModelProto of a frozen graph; inputs/outputs keep their names; metadata as metadata_props.
+
+    Metadata values that are not strings are stored as JSON.
+    """
+    import onnx
+    import tf2onnx
+
+    rename = {t: k for k, t in {**graph.inputs, **graph.outputs}.items()}
+    model, _ = tf2onnx.convert.from_graph_def(
+        graph.graph_def, input_names=list(graph.inputs.values()), output_names=list(graph.outputs.values()),
+        opset=opset, custom_op_handlers={"Erfc": (_erfc_to_erf, [])}, tensors_to_rename=rename)
+    unknown = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx.ml")})
+    if unknown:
+        raise RuntimeError(f"tf2onnx left ops ONNX Runtime cannot run: {unknown}")
+    if metadata:
+        onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v)
+                                            for k, v in metadata.items()})
+    onnx.checker.check_model(model)
+    return model
+
+
+def onnx_float16_weights(model, min_elements: int = 16):
+    """Store float32 initializers as float16, each followed by a Cast back to float32.
+
+    Halves the file; ONNX Runtime folds the casts when the session loads, so
+    arithmetic stays float32 and only the weight rounding (about 3 significant
+    digits) changes the outputs. Tiny constants (shapes, scalars) stay float32.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    casts, keep = [], []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            keep.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "__fp16")
+        keep.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=init.name + "__to_fp32"))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(out)
+    return out
+
+
+# --------------------------------------------------------------------------- TFLite
+
+
+TFLITE_MODES = ("float32", "float16", "dynamic")
+
+
+def to_tflite(graph: FrozenGraph, mode: str = "float32") -> bytes:
+    """TFLite flatbuffer of a frozen graph (failure 2), builtin ops only.
+
+    Modes: ``float32``; ``float16`` (float16 weights, dequantised at load);
+    ``dynamic`` (dynamic-range quantisation: int8 weights, float activations).
+    """
+    if mode not in TFLITE_MODES:
+        raise ValueError(f"unknown TFLite mode {mode!r}; one of {TFLITE_MODES}")
+    holder = _Holder(as_function(graph))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.fn.get_concrete_function()], holder)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if mode != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
+
+
+def tflite_interpreter(path_or_bytes, num_threads: int | None = None):
+    """A `tf.lite.Interpreter` without its deprecation warning (TF 2.21 points to ai_edge_litert,
+    which is not a dependency); returns the interpreter and its serving signature runner."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        kw = {"model_content": path_or_bytes} if isinstance(path_or_bytes, bytes) else {
+            "model_path": str(path_or_bytes)}
+        interpreter = tf.lite.Interpreter(**kw, num_threads=num_threads)
+    return interpreter, interpreter.get_signature_runner()
