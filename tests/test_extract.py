@@ -177,7 +177,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert "--path-column" in capsys.readouterr().err
     assert main(["--backbone", "small_cnm", "--weights", "null", "--input", str(tmp_path / "list.csv"),
                  "--path-column", "file", "--output", str(tmp_path / "o")]) == 2
-    assert "did you mean 'small_cnn'" in capsys.readouterr().err
+    assert "--backbone: unknown backbone 'small_cnm' (did you mean 'small_cnn'?)" in capsys.readouterr().err
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "train-00000-of-00001.tfrecord").write_bytes(b"")

@@ -146,7 +146,7 @@ def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:
 
 def export(run_dir: Path, formats: list[str], tmp: Path, *, float16=False, quantize=None,
            opset: int | None = None) -> tuple[list[dict], object, dict]:
-    """Write the requested artifacts into `tmp`; returns (entries, module, info)."""
+    """Write the requested artifacts into `tmp`; returns (report entries, float32 Keras model, run info)."""
     import tensorflow as tf
 
     from tfvision import serving

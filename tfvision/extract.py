@@ -167,12 +167,7 @@ def onnx_engine(model):
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
     fn = tf.function(lambda image: {"features": model(image, training=False)}, input_signature=[spec])
     onnx_model = serving.to_onnx(serving.freeze(fn.get_concrete_function()))
-    options = ort.SessionOptions()
-    # ORT's intra-op threads spin while they wait for work (its default); here they would
-    # spin on the cores the tf.data decode threads need (2-core runs: 31-43 -> 48-54 img/s).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(onnx_model.SerializeToString(), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     return lambda images: session.run(["features"], {"image": np.asarray(images, np.float32)})[0]
 
 
@@ -216,7 +211,7 @@ def _elements_from_records(root: Path, splits: list[str]):
     return records.enumerate().map(element), n, list(manifest["class_names"]), manifest.get("task")
 
 
-def feature_dataset(elements, n: int, image_size: int, channels: int, batch_size: int, engine: str):
+def feature_dataset(elements, n: int, image_size: int, channels: int, batch_size: int):
     """The evaluation pipeline (decode by magic bytes, resize, batch) over extraction elements."""
     import tensorflow as tf
 
@@ -232,10 +227,6 @@ def feature_dataset(elements, n: int, image_size: int, channels: int, batch_size
     # 1024 images at 224 px on 2 cores, 40% of the run). Without it, AUTOTUNE parallelism falls
     # back to one call per core, which measured as fast for this decode-and-resize pipeline.
     options.autotune.enabled = False
-    if engine == "onnx":
-        # ONNX Runtime brings its own thread pool; a small tf.data pool for decoding keeps the two
-        # from oversubscribing the cores (decoding is ~1 CPU-ms per image against ~14 for the model).
-        options.threading.private_threadpool_size = max(1, (os.cpu_count() or 1) // 4)
     return dataset.with_options(options)
 
 
@@ -273,7 +264,7 @@ def extract(args) -> dict:
     model = feature_model(args.backbone, args.weights, args.image_size, args.channels)
     dim = int(model.output_shape[-1])
     engine = onnx_engine(model) if args.engine == "onnx" else keras_engine(model)
-    dataset = feature_dataset(elements, n, args.image_size, args.channels, args.batch_size, args.engine)
+    dataset = feature_dataset(elements, n, args.image_size, args.channels, args.batch_size)
     engine(np.zeros((1, args.image_size, args.image_size, args.channels), np.float32))  # trace before timing
 
     out = Path(args.output)
@@ -284,7 +275,7 @@ def extract(args) -> dict:
               if has_labels else None)
     total, total_sq, rows = np.zeros(dim), np.zeros(dim), 0
     done = np.zeros(n, bool)  # 1 byte per input image: which ones produced a row
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with open(out / "ids.csv", "w", newline="") as f, tqdm(total=n, unit="img", desc="extracting") as bar:
         writer = csv.writer(f)
         writer.writerow(["row", "id", "path", "label"])
@@ -314,7 +305,7 @@ def extract(args) -> dict:
             rows += b
             done[idx] = True
             bar.update(b)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     kept = rows
     del feats, labels  # flushes the memory maps
     if kept < n:  # unreadable images were skipped: shrink the files to the rows written
@@ -334,6 +325,7 @@ def extract(args) -> dict:
         "tfvision_version": __version__, "tensorflow_version": tf.__version__,
         "timestamp": dt.datetime.now().isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 3), "images_per_s": round(kept / elapsed, 2) if elapsed > 0 else None,
+        "cpu_ms_per_image": round(1000 * cpu / max(kept, 1), 2),  # all threads of the process
         "feature_stats": {"mean": float(mean.mean()), "std": float(np.sqrt((std**2 + (mean - mean.mean())**2).mean())),
                           "mean_dim_std": float(std.mean())},
     }
@@ -471,8 +463,9 @@ def main(argv=None) -> int:
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # backbone errors speak config keys; here they are flags
+        print(f"error: {str(e).replace('model.weights', '--weights').replace('model.backbone', '--backbone')}",
+              file=sys.stderr)
         return 2
     except NonFiniteFeatures as e:
         print(f"error: {e}", file=sys.stderr)
