@@ -352,21 +352,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    from tfvision.cli import run_command
+
+    return run_command(run, parse_args, argv)
+
+
+def run(args) -> int:
+    """The export command on parsed arguments (`UserError` -> exit 2 in `tfvision.cli`)."""
     run_dir = Path(args.run)
     output = Path(args.output) if args.output else run_dir / "export"
     formats = list(FORMATS) if args.format == "all" else [args.format]
     if (args.float16 or args.quantize) and formats == ["savedmodel"]:
-        print("error: --float16 and --quantize apply to onnx and tflite exports", file=sys.stderr)
-        return 2
+        raise UserError("--float16 and --quantize apply to onnx and tflite exports")
+    read_run(run_dir)  # fail fast, before TensorFlow loads
+    paths = verification_images(run_dir, args.images, args.n_images) if args.verify else []
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        read_run(run_dir)  # fail fast, before TensorFlow loads
-        paths = verification_images(run_dir, args.images, args.n_images) if args.verify else []
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         entries, model, info = export(run_dir, formats, tmp, float16=args.float16, quantize=args.quantize,
                                       opset=args.opset)
         ok = verify(entries, tmp, model, info, paths) if args.verify else True
@@ -377,13 +380,8 @@ def main(argv=None) -> int:
             "run": str(run_dir.resolve()), "tfvision_version": __version__, "verified": bool(args.verify),
             "images": paths, "thresholds": THRESHOLDS, "passed": ok, "exports": entries})
         _replace_dir(tmp, final)
-    except UserError as e:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not ok:
         bad = [f"{e['format']}/{e['precision']}" + (f"/{e['signature']}" if "signature" in e else "")
                for e in entries if not e["passed"]]

@@ -441,20 +441,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    from tfvision.cli import run_command
+
+    return run_command(run, parse_args, argv)
+
+
+def run(args) -> int:
+    """The extract command on parsed arguments (`UserError` -> exit 2 in `tfvision.cli`)."""
     out = Path(args.output)
+    if not Path(args.input).exists():
+        raise DataError(f"--input: {args.input} does not exist")
+    if args.weights not in (None, "imagenet") and not Path(args.weights).is_file():
+        raise UserError(f"--weights: {args.weights!r} is neither imagenet, null, nor an existing file")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        if not Path(args.input).exists():
-            raise DataError(f"--input: {args.input} does not exist")
-        if args.weights not in (None, "imagenet") and not Path(args.weights).is_file():
-            raise UserError(f"--weights: {args.weights!r} is neither imagenet, null, nor an existing file")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        final_args = argparse.Namespace(**{**vars(args), "output": str(tmp)})
-        meta = extract(final_args)
+        meta = extract(argparse.Namespace(**{**vars(args), "output": str(tmp)}))
         write_json(tmp / "metadata.json", meta)
         if args.tsne:
             tsne_plot(tmp, meta, args.seed)
@@ -464,9 +467,7 @@ def main(argv=None) -> int:
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     except UserError as e:  # backbone errors speak config keys; here they are flags
-        print(f"error: {str(e).replace('model.weights', '--weights').replace('model.backbone', '--backbone')}",
-              file=sys.stderr)
-        return 2
+        raise UserError(str(e).replace("model.weights", "--weights").replace("model.backbone", "--backbone")) from None
     except NonFiniteFeatures as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from tfvision.data.pipeline import PipelineSpec, from_elements
 from tfvision.errors import UserError
 from tfvision.fileio import read_json
 from tfvision.models import layers as _layers  # noqa: F401  (registers tfvision layers for loading)
+from tfvision.models import unet_blocks as _unet_blocks  # noqa: F401  (U-Net checkpoints: PadToMultiple, CropTo)
 
 # --------------------------------------------------------------------------- TTA views
 CROP = 0.875  # side fraction of the five crops (the classic 224-of-256)
