@@ -53,10 +53,9 @@ def load_images(paths, size: int) -> np.ndarray:
     """uint8 [N, size, size, 3]: decoded and resized once, shared by every engine."""
     import tensorflow as tf
 
-    from tfvision.data.decode import decode
+    from tfvision.data.decode import decode_resized
 
-    return np.stack([np.clip(np.round(tf.image.resize(decode(tf.io.read_file(p), 3, target=(size, size)),
-                                                      (size, size)).numpy()), 0, 255).astype(np.uint8)
+    return np.stack([np.clip(np.round(decode_resized(tf.io.read_file(p), 3, (size, size)).numpy()), 0, 255).astype(np.uint8)
                      for p in paths])
 
 

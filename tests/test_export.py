@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import jpeg_bytes, photo
 from tfvision.config import HeadConfig
-from tfvision.data.decode import decode
+from tfvision.data.decode import decode_resized
 from tfvision.export import main
 from tfvision.models.heads import build_image_model, input_norm
 
@@ -164,7 +164,7 @@ def test_jpeg_and_png_bytes_signature_decodes_like_the_pipeline(exported):
     png = Path(run / "images" / "img0.png").read_bytes()
     raw.append(png)
     got = sig(image_bytes=tf.constant(raw))
-    images = np.stack([tf.image.resize(decode(tf.constant(b), 3, target=(32, 32)), (32, 32)).numpy() for b in raw])
+    images = np.stack([decode_resized(tf.constant(b), 3, (32, 32)).numpy() for b in raw])
     model = keras.saving.load_model(run / "checkpoints" / "best.keras", compile=False)
     z = np.asarray(model(images), np.float64) / 1.7
     want = np.exp(z - z.max(1, keepdims=True))

@@ -16,7 +16,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from tests.conftest import jpeg_bytes, photo
 from tfvision.config import HeadConfig
-from tfvision.data.decode import decode
+from tfvision.data.decode import decode_resized
 from tfvision.extract import main
 from tfvision.models.heads import build_image_model, input_norm
 
@@ -38,7 +38,7 @@ def image_folder(root: Path, per_class: dict[str, int]) -> Path:
 
 def pipeline_images(paths, size: int) -> np.ndarray:
     """What the extraction pipeline feeds the model: decode by magic bytes, resize."""
-    return np.stack([tf.image.resize(decode(tf.io.read_file(str(p)), 3, target=(size, size)), (size, size)).numpy()
+    return np.stack([decode_resized(tf.io.read_file(str(p)), 3, (size, size)).numpy()
                      for p in paths])
 
 

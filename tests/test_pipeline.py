@@ -12,7 +12,7 @@ from PIL import Image
 from tfvision.config import AugmentParams, Config, TierConfig
 from tfvision.data import augment as aug
 from tfvision.data.check import check_files
-from tfvision.data.decode import decode
+from tfvision.data.decode import decode, decode_resized
 from tfvision.data.mix import mix_batch
 from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, crop_window
 
@@ -54,7 +54,7 @@ def test_dct_downscaled_crop_matches_full_decode(odd_images, tmp_path):
     path = tmp_path / "big.jpg"
     Image.fromarray(big).save(path, quality=95)
     window = tf.constant([40, 80, 320, 240])
-    fast = tf.image.resize(decode(read(path), 3, window, target=(64, 64)), (64, 64))
+    fast = decode_resized(read(path), 3, (64, 64), window)
     full = decode(read(path), 3)[40:360, 80:320]
     slow = tf.image.resize(full, (64, 64), antialias=True)
     assert float(tf.reduce_mean(tf.abs(fast - slow))) < 6.0
@@ -67,6 +67,18 @@ def test_check_lists_every_broken_file_with_a_reason(odd_images):
     assert bad["empty.jpg"] == "empty file"
     assert "jpeg" in bad["truncated.jpg"].lower()
     assert bad["text.png"].startswith("Unknown image file format") and not bad["text.png"].endswith("name:")
+
+
+@pytest.mark.parametrize("name,channels", [("rgb.jpg", 3), ("png_named.jpg", 3), ("gray.png", 3),
+                                           ("gray16.png", 1), ("cmyk.jpg", 3), ("rgb.jpg", 1)])
+def test_decode_resized_equals_resizing_the_float_decode(odd_images, name, channels):
+    # JPEGs are resized straight from uint8: the pixels must not change for it.
+    data = read(odd_images[name])
+    window = tf.constant([3, 5, 40, 50])
+    want = tf.image.resize(decode(data, channels, window, target=(24, 20)), (24, 20))
+    got = decode_resized(data, channels, (24, 20), window)
+    assert got.dtype == tf.float32 and got.shape == (24, 20, channels)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
 
 
 def test_tiny_files_decode(tmp_path):
@@ -156,8 +168,29 @@ def test_color_jitter_matches_its_definition():
     luma = np.array([0.299, 0.587, 0.114])
     grey = img @ luma
     saturated = grey[..., None] + sat * (img - grey[..., None])
-    expected = c * b * saturated + (1 - c) * b * (grey.mean())
+    expected = np.clip(c * b * saturated + (1 - c) * b * (grey.mean()), 0, 255)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-2)
+
+
+def test_noise_is_gaussian_with_its_drawn_std_and_differs_per_image():
+    img = tf.fill([64, 48, 3], 128.0)
+    p = aug.param_table([_geo_only(noise_p=1.0, noise_std=20.0)])[0]
+    fields = []
+    for i in range(8):
+        out = aug.noise({"image": img}, p, aug._Rng(tf.constant([9, i])))["image"].numpy()
+        r = out - 128.0
+        assert abs(r.mean()) < 1.5 and 0 < r.std() <= 20.0 * 1.05
+        z = (r - r.mean()) / r.std()
+        assert abs((z**4).mean() - 3.0) < 0.3  # Gaussian kurtosis, not uniform (1.8)
+        fields.append(z)
+    for i in range(8):
+        for j in range(i):
+            assert abs(np.corrcoef(fields[i].ravel(), fields[j].ravel())[0, 1]) < 0.5  # not the same field
+    # Traced with an unknown size (no bank to cut), the same op still adds Gaussian noise.
+    fn = tf.function(lambda x: aug.noise({"image": x}, p, aug._Rng(tf.constant([9, 0])))["image"],
+                     input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
+    r = fn(img).numpy() - 128.0
+    assert 0 < r.std() <= 21.0
 
 
 def test_tiers_pick_strength_per_image():

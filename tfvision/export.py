@@ -271,7 +271,7 @@ def reference(model, info: dict, arrays, raw) -> tuple[np.ndarray, np.ndarray]:
     """Keras probabilities for the uint8 images and for the decoded bytes."""
     import tensorflow as tf
 
-    from tfvision.data.decode import decode
+    from tfvision.data.decode import decode_resized
     from tfvision.serving import postprocess
 
     size = tuple(info["image_size"])
@@ -281,8 +281,7 @@ def reference(model, info: dict, arrays, raw) -> tuple[np.ndarray, np.ndarray]:
                            info["rule"])["probabilities"].numpy()
 
     from_uint8 = _run_all(lambda b: probs(tf.image.resize(tf.cast(b, tf.float32), size)), arrays)
-    decoded = np.stack([tf.image.resize(decode(tf.constant(d), info["channels"], target=size), size).numpy()
-                        for d in raw])
+    decoded = np.stack([decode_resized(tf.constant(d), info["channels"], size).numpy() for d in raw])
     from_bytes = np.concatenate([probs(decoded[s : s + 16]) for s in range(0, len(decoded), 16)])
     return from_uint8, from_bytes
 

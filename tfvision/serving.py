@@ -5,7 +5,7 @@ export ships: uint8 images [N, H, W, C] at any size in; resize to the run's
 image size, normalisation (the model's own `ImageNormalization` layer),
 backbone, head, temperature and softmax/sigmoid inside; ``probabilities`` and
 ``labels`` out. A second function takes encoded JPEG/PNG bytes and decodes
-them with the training pipeline's own `decode` (magic bytes, DCT downscaling).
+them with the training pipeline's own `decode_resized` (magic bytes, DCT downscaling).
 
 The converters get a *frozen, flattened* GraphDef of that function
 (`freeze`), never the Keras model, because of three failures with
@@ -45,7 +45,7 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from tfvision.data.decode import decode
+from tfvision.data.decode import decode_resized
 
 # Conservative default: opset 17 loads in ONNX Runtime >= 1.13 and most other runtimes.
 ONNX_OPSET = 17
@@ -146,7 +146,7 @@ class ServingModule(tf.Module):
 
         def one(data):
             # Exactly the evaluation pipeline: decode by magic bytes, then resize.
-            return tf.image.resize(decode(data, self.channels, target=size), size)
+            return decode_resized(data, self.channels, size)
 
         images = tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec(
             [size[0], size[1], self.channels], tf.float32))

@@ -136,8 +136,8 @@ DCT_SLACK = 0.8
 
 
 def _jpeg(data, window, target):
-    """Decode a JPEG crop window, letting libjpeg downscale by the largest DCT ratio that
-    still leaves at least DCT_SLACK x `target` pixels."""
+    """Decode a JPEG crop window (uint8), letting libjpeg downscale by the largest DCT ratio
+    that still leaves at least DCT_SLACK x `target` pixels."""
     y, x, h, w = window[0], window[1], window[2], window[3]
     min_h = tf.cast(tf.math.ceil(tf.cast(target[0], tf.float32) * DCT_SLACK), tf.int32)
     min_w = tf.cast(tf.math.ceil(tf.cast(target[1], tf.float32) * DCT_SLACK), tf.int32)
@@ -150,14 +150,23 @@ def _jpeg(data, window, target):
             return tf.io.decode_and_crop_jpeg(data, win, channels=0, ratio=r)
 
         branches.append((fits, dec))
-    img = tf.case(branches, default=lambda: tf.io.decode_and_crop_jpeg(data, window, channels=0))
-    return tf.cast(img, tf.float32)
+    return tf.case(branches, default=lambda: tf.io.decode_and_crop_jpeg(data, window, channels=0))
 
 
-def _png(data, window):
+def _png(data):
     img = tf.io.decode_png(data, channels=0, dtype=tf.uint16)  # 8-bit input is scaled by 257
-    img = tf.cast(img, tf.float32) * (255.0 / 65535.0)
-    return img[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+    return tf.cast(img, tf.float32) * (255.0 / 65535.0)
+
+
+def _crop(image, window):
+    return image[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+
+
+def _full_window(data, window):
+    if window is None:
+        hw = image_shape(data)
+        window = tf.stack([0, 0, hw[0], hw[1]])
+    return tf.cast(window, tf.int32)
 
 
 def decode(
@@ -166,7 +175,7 @@ def decode(
     window: tf.Tensor | None = None,
     target: tuple[int, int] | None = None,
 ) -> tf.Tensor:
-    """Decode `data` to float32 [h, w, channels] in 0..255.
+    """Decode `data` to float32 [h, w, channels] in 0..255, at the file's own size.
 
     Args:
         data: scalar string tensor with the file bytes.
@@ -177,18 +186,37 @@ def decode(
     Raises:
         tf.errors.InvalidArgumentError: empty, truncated or non-image bytes.
     """
-    if window is None:
-        hw = image_shape(data)
-        window = tf.stack([0, 0, hw[0], hw[1]])
-    window = tf.cast(window, tf.int32)
+    window = _full_window(data, window)
     tgt = tf.constant(target or (1 << 30, 1 << 30), tf.int32)
     img = tf.case(
         [
-            (is_jpeg(data), lambda: _jpeg(data, window, tgt)),
-            (is_png(data), lambda: _png(data, window)),
-            (is_dicom(data), lambda: _dicom(data)[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]),
+            (is_jpeg(data), lambda: tf.cast(_jpeg(data, window, tgt), tf.float32)),
+            (is_png(data), lambda: _crop(_png(data), window)),
+            (is_dicom(data), lambda: _crop(_dicom(data), window)),
         ],
-        default=lambda: _other(data)[window[0] : window[0] + window[2], window[1] : window[1] + window[3]],
+        default=lambda: _crop(_other(data), window),
+    )
+    return adapt_channels(img, channels)
+
+
+def decode_resized(data: tf.Tensor, channels: int, size: tuple[int, int], window: tf.Tensor | None = None) -> tf.Tensor:
+    """Decode (the `window` crop of) `data` and resize it to `size`: float32 [H, W, channels], 0..255.
+
+    The one decode-and-resize used by training, evaluation, extraction and the exported
+    bytes signature, so they all see the same pixels. JPEGs are resized straight from
+    uint8 (bilinear reads them as floats anyway): casting the decoded crop to float32
+    first cost a third of the resize (benchmarks/README.md).
+    """
+    window = _full_window(data, window)
+    size = tuple(int(v) for v in size)
+    tgt = tf.constant(size, tf.int32)
+    img = tf.case(
+        [
+            (is_jpeg(data), lambda: tf.image.resize(_jpeg(data, window, tgt), size)),
+            (is_png(data), lambda: tf.image.resize(_crop(_png(data), window), size)),
+            (is_dicom(data), lambda: tf.image.resize(_crop(_dicom(data), window), size)),
+        ],
+        default=lambda: tf.image.resize(_crop(_other(data), window), size),
     )
     return adapt_channels(img, channels)
 

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from tfvision.config import AugmentParams, Config
 from tfvision.data import augment as aug
-from tfvision.data.decode import decode, decode_mask, image_shape
+from tfvision.data.decode import decode_mask, decode_resized, image_shape
 from tfvision.data.mix import mix_batch
 from tfvision.data.sampling import weighted_dataset
 
@@ -163,7 +163,7 @@ def from_elements(
             s = _read_files(s)
         params = tf.gather(table, s["tier"])
         window = crop_window(s["bytes"], params, seed) if native else None
-        image = tf.image.resize(decode(s["bytes"], spec.channels, window, target=size), size)
+        image = decode_resized(s["bytes"], spec.channels, size, window)
         out = {k: v for k, v in s.items() if k not in ("bytes", "mask_bytes")}
         out.update(image=image, params=params)
         if "mask_bytes" in s:
