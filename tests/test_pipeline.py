@@ -146,6 +146,31 @@ def test_geometric_ops_move_image_and_mask_together():
     assert not np.array_equal(m, mask)
 
 
+def test_affine_warp_matches_numpy_reflect_and_tf_bilinear():
+    rng = np.random.default_rng(3)
+    img = rng.uniform(0, 255, (20, 28, 3)).astype(np.float32)
+    # Integer shifts, up to several image sizes away: exactly numpy's reflect padding (REFLECT_101).
+    padded = np.pad(img, [(90, 90), (90, 90), (0, 0)], mode="reflect")
+    for tx, ty in [(3, -5), (-60, 41), (85, -77)]:
+        m = aug.affine_matrix(0.0, 1.0, float(tx), float(ty), 20.0, 28.0)
+        got = aug._warp(tf.constant(img), m, False).numpy()
+        np.testing.assert_allclose(got, padded[90 - ty : 110 - ty, 90 - tx : 118 - tx], atol=1e-3)
+        mask = aug._warp(tf.constant(img[..., :1].astype(np.int32)), m, True).numpy()
+        np.testing.assert_array_equal(mask, padded[90 - ty : 110 - ty, 90 - tx : 118 - tx, :1].astype(np.int32))
+    # A rotation with zoom: TF's own bilinear kernel wherever the source point lies inside.
+    m = aug.affine_matrix(0.3, 1.2, 1.5, -2.0, 20.0, 28.0)
+    got = aug._warp(tf.constant(img), m, False).numpy()
+    want = tf.raw_ops.ImageProjectiveTransformV3(
+        images=img[None], transforms=m, output_shape=[20, 28], fill_value=-1.0, interpolation="BILINEAR",
+        fill_mode="CONSTANT")[0].numpy()
+    ys, xs = np.mgrid[0:20, 0:28]
+    mm = m.numpy()[0]
+    sx, sy = mm[0] * xs + mm[1] * ys + mm[2], mm[3] * xs + mm[4] * ys + mm[5]
+    inside = (sx >= 0) & (sx <= 26.99) & (sy >= 0) & (sy <= 18.99)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(got[inside], want[inside], atol=1e-3)
+
+
 def test_ops_respect_their_probability():
     image, mask = _batch(n=16)
     assert aug.Plan.from_tiers([OFF]).ops == ()  # nothing can fire: nothing is built

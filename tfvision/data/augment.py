@@ -98,10 +98,15 @@ def affine_matrix(angle, scale, tx, ty, height, width):
 
 
 def _reflect(v, n):
-    """Mirror coordinates into [0, n-1] (edge pixel not repeated)."""
+    """Mirror coordinates into [0, n-1] (edge pixel not repeated, OpenCV's REFLECT_101).
+
+    Written with floor and abs: XLA's floormod made the coordinates cost more than the
+    gathers (benchmarks/README.md).
+    """
     top = tf.cast(n - 1, tf.float32)
-    v = tf.math.floormod(tf.abs(v), 2.0 * top)
-    return tf.where(v > top, 2.0 * top - v, v)
+    period = tf.maximum(2.0 * top, 1.0)
+    v = v - period * tf.floor(v / period)  # [0, period)
+    return tf.clip_by_value(top - tf.abs(top - v), 0.0, top)
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
@@ -109,11 +114,12 @@ def _warp(image, matrix, nearest: bool):
     """Resample [H,W,C] through the output->input map `matrix` [1, 8], reflecting at borders.
 
     A gather warp compiled by XLA: TF's ImageProjectiveTransformV3 kernel (TF 2.21) spent
-    2.8 ms on one 224x224 RGB image on this CPU, this 0.9 ms (benchmarks/README.md).
+    2.4 ms on one 224x224 RGB image on this CPU, this 0.5 ms (benchmarks/README.md).
     """
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     m = matrix[0]
-    ys, xs = tf.meshgrid(tf.range(tf.cast(h, tf.float32)), tf.range(tf.cast(w, tf.float32)), indexing="ij")
+    xs = tf.range(tf.cast(w, tf.float32))[None, :]
+    ys = tf.range(tf.cast(h, tf.float32))[:, None]
     sx = _reflect(m[0] * xs + m[1] * ys + m[2], w)
     sy = _reflect(m[3] * xs + m[4] * ys + m[5], h)
     flat = tf.reshape(image, [h * w, -1])
