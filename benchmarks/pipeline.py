@@ -145,6 +145,7 @@ def tfvision_dataset(paths, labels, size, batch_size, **spec_kw):
 
     targets = np.eye(N_CLASSES, dtype=np.float32)[labels]
     spec_kw.setdefault("tiers", [medium_tier()])
+    spec_kw.setdefault("checked", True)  # as `train` runs it: every file passed the check pass first
     spec = PipelineSpec(image_size=size, channels=3, batch_size=batch_size, **spec_kw)
     return build_dataset(Samples(np.asarray(paths), targets), spec, training=True, repeat=True)
 

@@ -288,6 +288,21 @@ def test_unchecked_corrupt_file_is_skipped_not_blanked(odd_images):
     assert float(tf.reduce_min(tf.reduce_max(x, axis=[1, 2, 3]))) > 0  # no black stand-in
 
 
+def test_checked_training_drops_the_batch_of_a_file_that_broke_after_its_check(odd_images):
+    # The fused map+batch path (files checked before training) guards whole batches.
+    good = [str(odd_images["rgb.jpg"]), str(odd_images["gray.png"])]
+    paths = np.array(good * 4 + [str(odd_images["truncated.jpg"])] + good * 4)
+    s = Samples(paths, np.zeros((len(paths), 2), np.float32) + [[1, 0]])
+    s.targets[8] = [0, 1]  # the broken file's label: must never reach a batch
+    spec = PipelineSpec(image_size=(24, 24), channels=3, batch_size=3, tiers=[OFF], checked=True,
+                        shuffle_buffer=1, deterministic=True)
+    batches = list(build_dataset(s, spec, training=True))
+    assert len(batches) == 17 // 3 - 1  # 5 full batches, the one holding the broken file skipped
+    for x, y in batches:
+        assert y.numpy()[:, 1].sum() == 0
+        assert float(tf.reduce_min(tf.reduce_max(x, axis=[1, 2, 3]))) > 0  # no blank image
+
+
 def test_sample_weights_flow_through(odd_images):
     s = _samples(odd_images, repeat=1)
     s.weights = np.arange(len(s), dtype=np.float32)
@@ -387,10 +402,11 @@ def test_albumentations_bridge_runs_a_ported_compose(odd_images, tmp_path):
     np.testing.assert_allclose(x, np.round(plain[:, :, ::-1]), atol=1.0)
 
 
-def test_deterministic_switch_reproduces_batches(odd_images):
+@pytest.mark.parametrize("checked", [False, True])
+def test_deterministic_switch_reproduces_batches(odd_images, checked):
     s = _samples(odd_images, repeat=3)
     spec = PipelineSpec(image_size=(24, 24), channels=3, batch_size=4, tiers=[AugmentParams(erase_p=0.5)],
-                        mixup_alpha=0.3, mix_p=0.5, deterministic=True, seed=11)
+                        mixup_alpha=0.3, mix_p=0.5, deterministic=True, seed=11, checked=checked)
     a = [x.numpy() for x, _ in build_dataset(s, spec, training=True).take(3)]
     b = [x.numpy() for x, _ in build_dataset(s, spec, training=True).take(3)]
     for u, v in zip(a, b, strict=True):

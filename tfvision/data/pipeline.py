@@ -63,6 +63,7 @@ class PipelineSpec:
     deterministic: bool = False
     cache: bool = False
     seed: int = 0
+    checked: bool = False  # every file was decoded once already: the check pass, or conversion to shards
 
     @classmethod
     def from_config(cls, cfg: Config, image_size=None) -> PipelineSpec:
@@ -74,6 +75,7 @@ class PipelineSpec:
             mixup_alpha=a.mix.mixup_alpha, cutmix_alpha=a.mix.cutmix_alpha, mix_p=a.mix.p,
             albumentations=a.albumentations, shuffle_buffer=cfg.data.shuffle_buffer,
             deterministic=cfg.data.deterministic, cache=cfg.data.cache, seed=cfg.seed,
+            checked=cfg.data.check_files or cfg.data.source == "tfrecord",
         )
 
 
@@ -189,14 +191,22 @@ def from_elements(
             ds = ds.cache()
         if repeat:
             ds = ds.repeat()
-    # Files are checked before training; this only guards unchecked runs and
-    # skips (never blanks) a file that fails anyway, with a logged warning.
-    ds = ds.ignore_errors(log_warning=True)
+    # A file that fails to decode anyway is skipped, never blanked, with a logged warning.
+    # Guarding each element stops tf.data fusing the map into the batch, which cost 0.15
+    # CPU-ms per image (benchmarks/README.md). So when every file was decoded once already,
+    # training keeps the fused path and guards whole batches: a file that breaks after its
+    # check costs its batch. Evaluation always guards per element, so no row is lost.
+    per_batch = training and spec.checked
+    if not per_batch:
+        ds = ds.ignore_errors(log_warning=True)
     if do_aug and spec.albumentations is not None:
         ds = ds.map(aug.albumentations_fn(spec.albumentations), num_parallel_calls=AUTOTUNE)
     drop = training and (size_hint is None or size_hint >= spec.batch_size)
-    ds = ds.batch(spec.batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
-                  deterministic=spec.deterministic or not training)
+    if per_batch:  # map + batch, fused by tf.data
+        ds = ds.batch(spec.batch_size, drop_remainder=drop).ignore_errors(log_warning=True)
+    else:
+        ds = ds.batch(spec.batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
+                      deterministic=spec.deterministic or not training)
     if training:
         ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed + 1))
         ds = ds.map(lambda b, s: {**b, "seed": s}, num_parallel_calls=AUTOTUNE)
