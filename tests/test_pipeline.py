@@ -185,7 +185,7 @@ def test_ops_respect_their_probability():
 def test_color_jitter_matches_its_definition():
     """Colour is one matrix: check it against brightness, contrast and saturation done by hand."""
     rng = np.random.default_rng(0)
-    img = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    img = rng.uniform(0, 255, (32, 28, 3)).astype(np.float32)
     p = aug.param_table([_geo_only(color_p=1.0, brightness=0.3, contrast=0.3, saturation=0.5, hue=0.0)])[0]
     out = aug.color({"image": tf.constant(img)}, p, aug._Rng(tf.constant([4, 2])))["image"].numpy()
     r = aug._Rng(tf.constant([4, 2]))
@@ -193,8 +193,16 @@ def test_color_jitter_matches_its_definition():
     luma = np.array([0.299, 0.587, 0.114])
     grey = img @ luma
     saturated = grey[..., None] + sat * (img - grey[..., None])
-    expected = np.clip(c * b * saturated + (1 - c) * b * (grey.mean()), 0, 255)
+    pivot = grey[::4, ::4].mean()  # the contrast pivot is estimated on a 4x4 grid
+    assert abs(pivot - grey.mean()) < 8
+    expected = np.clip(c * b * saturated + (1 - c) * b * pivot, 0, 255)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-2)
+    # Grey and multispectral images: brightness and contrast only, about the mean over all bands.
+    for channels in (1, 4):
+        img = rng.uniform(0, 255, (32, 28, channels)).astype(np.float32)
+        out = aug.color({"image": tf.constant(img)}, p, aug._Rng(tf.constant([4, 2])))["image"].numpy()
+        expected = np.clip(c * b * img + (1 - c) * b * img[::4, ::4].mean(), 0, 255)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-2)
 
 
 def test_noise_is_gaussian_with_its_drawn_std_and_differs_per_image():
