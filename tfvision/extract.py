@@ -30,6 +30,7 @@ Exit codes: 0 success; 2 bad arguments or data (one line on stderr); 1 otherwise
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime as dt
 import logging
@@ -148,17 +149,32 @@ def feature_model(backbone: str, weights: str | None, image_size: int, channels:
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(x), name="features")
 
 
-def keras_engine(model):
+class Engine:
+    """`run(images) -> features`, and how many batches may run at once (run is thread-safe)."""
+
+    def __init__(self, run, in_flight: int = 1):
+        self.run, self.in_flight = run, in_flight
+
+    def __call__(self, images):
+        return self.run(images)
+
+
+def keras_engine(model) -> Engine:
     """A compiled tf.function (about 2x `model.predict` per batch on CPU, see benchmarks/)."""
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
     fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    return lambda images: fn(images).numpy()
+    return Engine(lambda images: fn(images).numpy())
 
 
-def onnx_engine(model):
-    """The same graph through tf2onnx and ONNX Runtime (see `tfvision.serving` for the fixes)."""
+def onnx_engine(model) -> Engine:
+    """The same graph through tf2onnx and ONNX Runtime (see `tfvision.serving` for the fixes).
+
+    Two batches run at once, each on half the cores: with one batch on every core, each
+    decode thread of the input pipeline stalled ONNX Runtime's thread barrier, and
+    extraction ran at 0.82x the engine fed from memory (benchmarks/README.md).
+    """
     import onnxruntime as ort
     import tensorflow as tf
 
@@ -167,8 +183,30 @@ def onnx_engine(model):
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
     fn = tf.function(lambda image: {"features": model(image, training=False)}, input_signature=[spec])
     onnx_model = serving.to_onnx(serving.freeze(fn.get_concrete_function()))
-    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return lambda images: session.run(["features"], {"image": np.asarray(images, np.float32)})[0]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, (os.cpu_count() or 2) // 2)
+    session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Engine(lambda images: session.run(["features"], {"image": np.asarray(images, np.float32)})[0], 2)
+
+
+def in_order(engine: Engine, dataset):
+    """(batch, features) in dataset order, with up to `engine.in_flight` batches running at once."""
+    if engine.in_flight <= 1:
+        for batch in dataset:
+            yield batch, engine(batch["image"])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending = collections.deque()
+    with ThreadPoolExecutor(engine.in_flight, thread_name_prefix="extract") as pool:
+        for batch in dataset:
+            pending.append((batch, pool.submit(engine, batch["image"])))
+            if len(pending) >= engine.in_flight:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 # --------------------------------------------------------------------------- datasets
@@ -265,7 +303,8 @@ def extract(args) -> dict:
     dim = int(model.output_shape[-1])
     engine = onnx_engine(model) if args.engine == "onnx" else keras_engine(model)
     dataset = feature_dataset(elements, n, args.image_size, args.channels, args.batch_size)
-    engine(np.zeros((1, args.image_size, args.image_size, args.channels), np.float32))  # trace before timing
+    # Trace, and let the runtime size its buffers for a full batch, before the clock starts.
+    engine(np.zeros((min(args.batch_size, n), args.image_size, args.image_size, args.channels), np.float32))
 
     out = Path(args.output)
     dtype = np.dtype(args.dtype)
@@ -279,8 +318,7 @@ def extract(args) -> dict:
     with open(out / "ids.csv", "w", newline="") as f, tqdm(total=n, unit="img", desc="extracting") as bar:
         writer = csv.writer(f)
         writer.writerow(["row", "id", "path", "label"])
-        for batch in dataset:
-            x = engine(batch["image"])
+        for batch, x in in_order(engine, dataset):
             idx = batch["row"].numpy()
             with np.errstate(over="ignore"):  # float16 overflow becomes Inf, reported just below
                 stored = np.asarray(x, np.float32).astype(dtype, copy=False)
