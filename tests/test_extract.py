@@ -70,7 +70,9 @@ def test_features_equal_backbone_predict_on_the_same_images(tmp_path):
 
 def test_onnx_engine_and_float16_give_the_keras_features(tmp_path):
     images = image_folder(tmp_path / "images", {"a": 3, "b": 3})
-    args = ["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images)]
+    # Batches of 2: the ONNX engine runs two at once and must still write rows in input order.
+    args = ["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
+            "--batch-size", "2"]
     assert main([*args, "--output", str(tmp_path / "keras")]) == 0
     assert main([*args, "--output", str(tmp_path / "onnx"), "--engine", "onnx", "--dtype", "float16"]) == 0
     a = np.load(tmp_path / "keras" / "features.npy")
@@ -78,6 +80,8 @@ def test_onnx_engine_and_float16_give_the_keras_features(tmp_path):
     assert a.shape == (6, 256) and b.dtype == np.float16
     np.testing.assert_allclose(b.astype(np.float32), a, rtol=2e-3, atol=1e-4)  # float16 rounding only
     assert json.loads((tmp_path / "onnx" / "metadata.json").read_text())["engine"] == "onnx"
+    ids = [(tmp_path / e / "ids.csv").read_text() for e in ("keras", "onnx")]
+    assert ids[0] == ids[1]
 
 
 def test_csv_input_with_template_skips_unreadable_images_and_keeps_rows_aligned(tmp_path):
@@ -150,7 +154,7 @@ def test_nan_features_stop_with_exit_1_and_no_output(tmp_path, monkeypatch, caps
     import tfvision.extract as ex
 
     images = image_folder(tmp_path / "images", {"a": 2})
-    monkeypatch.setattr(ex, "keras_engine", lambda model: lambda x: np.full((len(x), 256), np.nan, np.float32))
+    monkeypatch.setattr(ex, "keras_engine", lambda model: ex.Engine(lambda x: np.full((len(x), 256), np.nan, np.float32)))
     out = tmp_path / "features"
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
                  "--output", str(out)]) == 1
@@ -162,7 +166,7 @@ def test_float16_overflow_is_named(tmp_path, monkeypatch, capsys):
     import tfvision.extract as ex
 
     images = image_folder(tmp_path / "images", {"a": 2})
-    monkeypatch.setattr(ex, "keras_engine", lambda model: lambda x: np.full((len(x), 256), 1e6, np.float32))
+    monkeypatch.setattr(ex, "keras_engine", lambda model: ex.Engine(lambda x: np.full((len(x), 256), 1e6, np.float32)))
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
                  "--output", str(tmp_path / "f"), "--dtype", "float16"]) == 1
     assert "use --dtype float32" in capsys.readouterr().err
