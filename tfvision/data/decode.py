@@ -186,16 +186,8 @@ def decode(
     Raises:
         tf.errors.InvalidArgumentError: empty, truncated or non-image bytes.
     """
-    window = _full_window(data, window)
     tgt = tf.constant(target or (1 << 30, 1 << 30), tf.int32)
-    img = tf.case(
-        [
-            (is_jpeg(data), lambda: tf.cast(_jpeg(data, window, tgt), tf.float32)),
-            (is_png(data), lambda: _crop(_png(data), window)),
-            (is_dicom(data), lambda: _crop(_dicom(data), window)),
-        ],
-        default=lambda: _crop(_other(data), window),
-    )
+    img = _by_format(data, _full_window(data, window), tgt, lambda x: tf.cast(x, tf.float32))
     return adapt_channels(img, channels)
 
 
@@ -207,18 +199,22 @@ def decode_resized(data: tf.Tensor, channels: int, size: tuple[int, int], window
     uint8 (bilinear reads them as floats anyway): casting the decoded crop to float32
     first cost a third of the resize (benchmarks/README.md).
     """
-    window = _full_window(data, window)
     size = tuple(int(v) for v in size)
-    tgt = tf.constant(size, tf.int32)
-    img = tf.case(
-        [
-            (is_jpeg(data), lambda: tf.image.resize(_jpeg(data, window, tgt), size)),
-            (is_png(data), lambda: tf.image.resize(_crop(_png(data), window), size)),
-            (is_dicom(data), lambda: tf.image.resize(_crop(_dicom(data), window), size)),
-        ],
-        default=lambda: tf.image.resize(_crop(_other(data), window), size),
-    )
+    img = _by_format(data, _full_window(data, window), tf.constant(size, tf.int32), lambda x: tf.image.resize(x, size))
     return adapt_channels(img, channels)
+
+
+def _by_format(data, window, target, finish):
+    """The `window` crop of `data`, decoded by its magic bytes; `finish` runs inside each
+    branch on the decoder's own dtype (uint8 for JPEG), so the branches agree on float32."""
+    return tf.case(
+        [
+            (is_jpeg(data), lambda: finish(_jpeg(data, window, target))),
+            (is_png(data), lambda: finish(_crop(_png(data), window))),
+            (is_dicom(data), lambda: finish(_crop(_dicom(data), window))),
+        ],
+        default=lambda: finish(_crop(_other(data), window)),
+    )
 
 
 def decode_mask(data: tf.Tensor, window: tf.Tensor | None = None) -> tf.Tensor:
