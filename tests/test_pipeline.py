@@ -171,6 +171,22 @@ def test_affine_warp_matches_numpy_reflect_and_tf_bilinear():
     np.testing.assert_allclose(got[inside], want[inside], atol=1e-3)
 
 
+@pytest.mark.parametrize("value", [0.0, 255.0])
+def test_every_op_keeps_images_in_0_255_even_at_the_extremes(value):
+    # Weighted sums (bilinear warps, blur, MixUp) overshoot 255 by an ulp unless clipped.
+    img = tf.fill([64, 64, 3], value)
+    p = aug.param_table([AugmentParams(affine_p=1, rotate=30, scale=0.2, shift=0.1, elastic_p=1, color_p=1,
+                                       noise_p=1, blur_p=1, blur_sigma=2.0, erase_p=1)])[0]
+    for op, _ in aug.OPS:
+        for seed in range(4):
+            out = op({"image": img}, p, aug._Rng(tf.constant([seed, 1])))["image"].numpy()
+            assert 0.0 <= out.min() and out.max() <= 255.0, op.__name__
+    batch = {"image": tf.fill([4, 16, 16, 3], value), "target": tf.one_hot([0, 1, 0, 1], 2)}
+    for seed in range(8):
+        out = mix_batch({**batch, "seed": tf.constant([seed, 0])}, 0.4, 0.0, p=1.0)["image"].numpy()
+        assert 0.0 <= out.min() and out.max() <= 255.0
+
+
 def test_ops_respect_their_probability():
     image, mask = _batch(n=16)
     assert aug.Plan.from_tiers([OFF]).ops == ()  # nothing can fire: nothing is built

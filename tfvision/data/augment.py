@@ -138,7 +138,8 @@ def _warp(image, matrix, nearest: bool):
 
     top = at(y0i, x0i) * (1.0 - wx) + at(y0i, x1i) * wx
     bottom = at(y1i, x0i) * (1.0 - wx) + at(y1i, x1i) * wx
-    return top * (1.0 - wy) + bottom * wy
+    # Float rounding of the weights can overshoot 255 by an ulp; images stay in 0..255.
+    return _clip(top * (1.0 - wy) + bottom * wy)
 
 
 def affine(s, p, rng):
@@ -203,7 +204,8 @@ def _apply_color(img, m, grey_weight, luma, rgb: bool):
 
 
 def _clip(image):
-    # Inside the ops that can leave 0..255, so images no such op touched skip the pass.
+    # Inside each op that can leave 0..255 (by design, or by an ulp of float rounding in a
+    # weighted sum), so images that no such op touched skip the pass.
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
@@ -251,7 +253,7 @@ def blur(s, p, rng, radius: int = 3):
     out = tf.pad(img[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
     out = tf.nn.depthwise_conv2d(out, kx, [1, 1, 1, 1], "VALID")
     out = tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")
-    return {**s, "image": out[0]}
+    return {**s, "image": _clip(out[0])}
 
 
 def erase(s, p, rng, max_holes: int = 16):
@@ -296,7 +298,7 @@ def elastic(s, p, rng, grid: int = 4):
     field = field * _p(p, "elastic_alpha")
     ys, xs = tf.meshgrid(tf.range(tf.cast(h, tf.float32)), tf.range(tf.cast(w, tf.float32)), indexing="ij")
     src_y, src_x = ys + field[..., 0], xs + field[..., 1]
-    out = {**s, "image": _sample(img, src_y, src_x, nearest=False)}
+    out = {**s, "image": _clip(_sample(img, src_y, src_x, nearest=False))}
     if "mask" in s:
         out["mask"] = _sample(s["mask"], src_y, src_x, nearest=True)
     return out

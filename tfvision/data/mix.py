@@ -51,7 +51,7 @@ def mix_batch(batch: dict, mixup_alpha: float, cutmix_alpha: float, p: float) ->
 
     def mixup():
         lam = _beta(mixup_alpha, seed + [5, 0]) if mixup_alpha > 0 else tf.constant(1.0)
-        return img * lam + img2 * (1.0 - lam), lam
+        return tf.clip_by_value(img * lam + img2 * (1.0 - lam), 0.0, 255.0), lam  # an ulp can overshoot
 
     def cutmix():
         lam = _beta(cutmix_alpha, seed + [7, 0]) if cutmix_alpha > 0 else tf.constant(1.0)
