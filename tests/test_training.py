@@ -176,3 +176,42 @@ def test_progressive_resizing_plateau_focal_tiers_and_dataset_norm(small_digits,
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
     assert (history["lr"] <= 0.05 + 1e-9).all()
+
+
+def test_early_stopping_patience_survives_a_restart(tmp_path):
+    # Oracle: Keras's own EarlyStopping on the same losses, never interrupted.
+    from tfvision.callbacks import ResumableEarlyStopping
+
+    losses = [1.0, 0.8, 0.85, 0.9, 0.79, 0.95, 0.97, 0.99, 1.2]
+
+    def epochs_until_stop(callbacks_by_epoch):
+        for epoch, loss in enumerate(losses):
+            cb = callbacks_by_epoch(epoch)
+            cb.on_epoch_end(epoch, {"val_loss": loss})
+            if cb.model.stop_training:
+                return epoch
+        return None
+
+    def attach(cb):
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.stop_training = False
+        cb.set_model(model)
+        cb.on_train_begin()
+        return cb
+
+    kw = dict(monitor="val_loss", patience=3, min_delta=0.005, mode="min")
+    keras_cb = attach(keras.callbacks.EarlyStopping(**kw))
+    want = epochs_until_stop(lambda epoch: keras_cb)
+    assert want == 7
+
+    state = tmp_path / "backup" / "phase0-early_stopping.json"
+    current = {}
+
+    def restarted_after_each_epoch(epoch):  # a kill and a resume before every epoch
+        current["cb"] = attach(ResumableEarlyStopping(state, **kw))
+        return current["cb"]
+
+    assert epochs_until_stop(restarted_after_each_epoch) == want
+    assert json.loads(state.read_text())["wait"] == 3
+    current["cb"].on_train_end()  # the phase ended: its state goes, a later phase starts fresh
+    assert not state.exists()

@@ -45,6 +45,36 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             write_json(self.dir / "best.json", {"monitor": self.monitor, "value": value, "epoch": epoch + 1})
 
 
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """`EarlyStopping` whose patience survives a killed run.
+
+    Keras keeps `wait` and `best` in memory only, so a run resumed by `BackupAndRestore`
+    started its patience from zero again. They go to `state_path` every epoch, come back
+    at the start of the resumed `fit`, and the file is removed when the phase ends.
+    """
+
+    def __init__(self, state_path, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = Path(state_path)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.state_path.exists():
+            state = read_json(self.state_path)
+            self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        best = None if self.best is None else float(self.best)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.state_path, {"monitor": self.monitor, "wait": self.wait, "best": best,
+                                     "best_epoch": self.best_epoch, "epoch": epoch + 1})
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        self.state_path.unlink(missing_ok=True)
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds the current learning rate to the epoch logs (history.csv, TensorBoard)."""
 

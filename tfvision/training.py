@@ -15,7 +15,13 @@ import pandas as pd
 import tensorflow as tf
 
 from tfvision import __version__
-from tfvision.callbacks import AtomicCheckpoint, LearningRateLogger, monitor_mode, save_weights
+from tfvision.callbacks import (
+    AtomicCheckpoint,
+    LearningRateLogger,
+    ResumableEarlyStopping,
+    monitor_mode,
+    save_weights,
+)
 from tfvision.config import Config
 from tfvision.data.inputs import FileInputs, check_data
 from tfvision.data.pipeline import PipelineSpec, steps_for
@@ -58,8 +64,9 @@ def _callbacks(cfg: Config, run_dir: Path, phase: int):
         keras.callbacks.TerminateOnNaN(),
     ]
     if tr.early_stopping.patience:
-        cbs.append(keras.callbacks.EarlyStopping(
-            tr.monitor, patience=tr.early_stopping.patience, min_delta=tr.early_stopping.min_delta,
+        cbs.append(ResumableEarlyStopping(
+            run_dir / "backup" / f"phase{phase}-early_stopping.json", monitor=tr.monitor,
+            patience=tr.early_stopping.patience, min_delta=tr.early_stopping.min_delta,
             mode=monitor_mode(tr.monitor)))
     if tr.schedule.name == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(
