@@ -212,6 +212,40 @@ def test_early_stopping_patience_survives_a_restart(tmp_path):
         return current["cb"]
 
     assert epochs_until_stop(restarted_after_each_epoch) == want
-    assert json.loads(state.read_text())["wait"] == 3
+    assert json.loads(state.read_text())["state"]["wait"] == 3
     current["cb"].on_train_end()  # the phase ended: its state goes, a later phase starts fresh
     assert not state.exists()
+
+
+def test_plateau_patience_survives_a_restart(tmp_path):
+    # Oracle: Keras's own ReduceLROnPlateau on the same losses, never interrupted. The
+    # optimizer (and so the learning rate) carries over, as BackupAndRestore restores it.
+    from tfvision.callbacks import ResumablePlateau
+
+    losses = [1.0, 0.9, 0.95, 0.96, 0.97, 0.89, 0.99, 0.98, 0.97, 0.99]
+    kw = dict(monitor="val_loss", factor=0.5, patience=2, cooldown=1, mode="min")
+
+    def model():
+        m = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        return m
+
+    def rate(m):
+        return round(float(m.optimizer.learning_rate), 6)
+
+    m, cb, want = model(), keras.callbacks.ReduceLROnPlateau(**kw), []
+    cb.set_model(m)
+    cb.on_train_begin()
+    for epoch, loss in enumerate(losses):
+        cb.on_epoch_end(epoch, {"val_loss": loss})
+        want.append(rate(m))
+    assert want[0] == 0.1 and min(want) < 0.05  # it did reduce, more than once
+
+    m, got = model(), []
+    for epoch, loss in enumerate(losses):  # a kill and a resume before every epoch
+        cb = ResumablePlateau(tmp_path / "phase0-plateau.json", **kw)
+        cb.set_model(m)
+        cb.on_train_begin()
+        cb.on_epoch_end(epoch, {"val_loss": loss})
+        got.append(rate(m))
+    assert got == want

@@ -45,13 +45,16 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             write_json(self.dir / "best.json", {"monitor": self.monitor, "value": value, "epoch": epoch + 1})
 
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """`EarlyStopping` whose patience survives a killed run.
+class _Resumable:
+    """Mixin for Keras callbacks whose counters must survive a killed run.
 
-    Keras keeps `wait` and `best` in memory only, so a run resumed by `BackupAndRestore`
-    started its patience from zero again. They go to `state_path` every epoch, come back
-    at the start of the resumed `fit`, and the file is removed when the phase ends.
+    Keras keeps `wait`, `best` and the like in memory only, so a run resumed by
+    `BackupAndRestore` started its patience from zero again. The `STATE` attributes go to
+    `state_path` every epoch, come back at the start of the resumed `fit`, and the file
+    is removed when the phase ends.
     """
+
+    STATE: tuple[str, ...] = ()
 
     def __init__(self, state_path, **kwargs):
         super().__init__(**kwargs)
@@ -60,19 +63,28 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if self.state_path.exists():
-            state = read_json(self.state_path)
-            self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+            for name, value in read_json(self.state_path)["state"].items():
+                setattr(self, name, value)
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        best = None if self.best is None else float(self.best)
+        state = {n: None if getattr(self, n) is None else float(getattr(self, n)) for n in self.STATE}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.state_path, {"monitor": self.monitor, "wait": self.wait, "best": best,
-                                     "best_epoch": self.best_epoch, "epoch": epoch + 1})
+        write_json(self.state_path, {"monitor": self.monitor, "epoch": epoch + 1, "state": state})
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
         self.state_path.unlink(missing_ok=True)
+
+
+class ResumableEarlyStopping(_Resumable, keras.callbacks.EarlyStopping):
+    STATE = ("wait", "best", "best_epoch")
+
+
+class ResumablePlateau(_Resumable, keras.callbacks.ReduceLROnPlateau):
+    """The learning rate itself comes back with the optimizer, from `BackupAndRestore`."""
+
+    STATE = ("wait", "best", "cooldown_counter")
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -19,6 +19,7 @@ from tfvision.callbacks import (
     AtomicCheckpoint,
     LearningRateLogger,
     ResumableEarlyStopping,
+    ResumablePlateau,
     monitor_mode,
     save_weights,
 )
@@ -69,8 +70,9 @@ def _callbacks(cfg: Config, run_dir: Path, phase: int):
             patience=tr.early_stopping.patience, min_delta=tr.early_stopping.min_delta,
             mode=monitor_mode(tr.monitor)))
     if tr.schedule.name == "plateau":
-        cbs.append(keras.callbacks.ReduceLROnPlateau(
-            tr.monitor, factor=tr.schedule.plateau_factor, patience=tr.schedule.plateau_patience,
+        cbs.append(ResumablePlateau(
+            run_dir / "backup" / f"phase{phase}-plateau.json", monitor=tr.monitor,
+            factor=tr.schedule.plateau_factor, patience=tr.schedule.plateau_patience,
             min_lr=tr.schedule.min_lr, mode=monitor_mode(tr.monitor)))
     if tr.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
