@@ -68,13 +68,18 @@ class _Resumable:
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        state = {n: None if getattr(self, n) is None else float(getattr(self, n)) for n in self.STATE}
+        state = {n: _plain(getattr(self, n)) for n in self.STATE}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, {"monitor": self.monitor, "epoch": epoch + 1, "state": state})
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
         self.state_path.unlink(missing_ok=True)
+
+
+def _plain(value):
+    # JSON-ready: counters stay ints, metric values (NumPy or tensor scalars) become floats.
+    return value if value is None or isinstance(value, int) else float(value)
 
 
 class ResumableEarlyStopping(_Resumable, keras.callbacks.EarlyStopping):
