@@ -84,6 +84,30 @@ def test_onnx_engine_and_float16_give_the_keras_features(tmp_path):
     assert ids[0] == ids[1]
 
 
+def test_onnx_engine_slices_batches_without_changing_rows(tmp_path, monkeypatch):
+    """The ONNX engine runs each batch in cache-sized slices (see `onnx_engine`); uneven slices
+    must come back whole and in order, equal to the Keras engine on the same batch."""
+    import onnxruntime as ort
+
+    import tfvision.extract as ex
+
+    monkeypatch.setattr(ex, "ORT_PIXELS_PER_CALL", 3 * 32 * 32)  # slices of 3: 3 + 3 + 1 for 7 images
+    keras.utils.set_random_seed(5)
+    model = ex.feature_model("small_cnn", None, 32, 3)
+    engine = ex.onnx_engine(model)
+    x = pipeline_images(sorted(image_folder(tmp_path, {"a": 7}).rglob("*.*")), 32)
+    sizes, real_run = [], ort.InferenceSession.run
+
+    def counting(self, names, feeds, *args, **kwargs):
+        sizes.append(len(feeds["image"]))
+        return real_run(self, names, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counting)
+    got = engine(x)
+    assert sizes == [3, 3, 1]
+    np.testing.assert_allclose(got, ex.keras_engine(model)(x), rtol=1e-5, atol=1e-5)
+
+
 def test_csv_input_with_template_skips_unreadable_images_and_keeps_rows_aligned(tmp_path):
     root = tmp_path / "rakuten"
     (root / "images").mkdir(parents=True)

@@ -51,6 +51,8 @@ log = logging.getLogger("tfvision.extract")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TSNE_MAX_POINTS = 5000
+# ONNX Runtime engine: images per session call, as pixels (see `onnx_engine`).
+ORT_PIXELS_PER_CALL = 4 * 224 * 224
 
 
 class NonFiniteFeatures(RuntimeError):
@@ -171,9 +173,16 @@ def keras_engine(model) -> Engine:
 def onnx_engine(model) -> Engine:
     """The same graph through tf2onnx and ONNX Runtime (see `tfvision.serving` for the fixes).
 
-    Two batches run at once, each on half the cores, while the input pipeline decodes on
-    the same cores: 7% faster on average than one batch on every core, with less spread
-    between runs (four paired measurements, benchmarks/README.md).
+    Two batches run at once, each on a single-threaded session (one per core on 2 cores),
+    while the input pipeline decodes on the same cores, and each batch goes through the
+    session in slices of about `ORT_PIXELS_PER_CALL` pixels (4 images at 224 px).
+
+    Why slices: ONNX Runtime 1.31's CPU kernels run layer by layer over the whole input, so
+    a batch of 32 at 224 px streams activations of tens of MB per layer through memory, where
+    4 images keep them near the 2 MB per-core L2. Measured on 2 cores with EfficientNetV2-B0:
+    150-158 img/s in slices of 1 to 8 images against 131-137 at batch 32, at 12.5-13.6
+    against 14.5-15.2 CPU-ms per image (benchmarks/README.md). TensorFlow's kernels go the
+    other way (107 img/s at 32, 64 at 4), so the Keras engine keeps whole batches.
     """
     import onnxruntime as ort
     import tensorflow as tf
@@ -183,10 +192,19 @@ def onnx_engine(model) -> Engine:
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
     fn = tf.function(lambda image: {"features": model(image, training=False)}, input_signature=[spec])
     onnx_model = serving.to_onnx(serving.freeze(fn.get_concrete_function()))
+    in_flight = 2
     options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, (os.cpu_count() or 2) // 2)
+    options.intra_op_num_threads = max(1, (os.cpu_count() or 2) // in_flight)
     session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return Engine(lambda images: session.run(["features"], {"image": np.asarray(images, np.float32)})[0], 2)
+    height, width = model.input_shape[1:3]
+    step = max(1, ORT_PIXELS_PER_CALL // (height * width))
+
+    def run(images):
+        x = np.asarray(images, np.float32)
+        return np.concatenate([session.run(["features"], {"image": x[i : i + step]})[0]
+                               for i in range(0, len(x), step)])
+
+    return Engine(run, in_flight)
 
 
 def in_order(engine: Engine, dataset):
