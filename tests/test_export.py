@@ -222,7 +222,7 @@ def test_failed_verification_exits_1_and_keeps_the_previous_export(tmp_path, mon
 
     def off_by_1e3(*a, **k):  # a converter bug that shifts probabilities by 1e-3
         u, b = real(*a, **k)
-        return u + 1e-3, b
+        return [p + 1e-3 for p in u], b
 
     monkeypatch.setattr(ex, "reference", off_by_1e3)
     assert main(["--run", str(run), "--output", str(out), "--format", "onnx", "--verify"]) == 1
@@ -337,9 +337,26 @@ def test_unet_dense_output_exports_per_pixel_probabilities(tmp_path):
     out = tmp_path / "export"
     assert main(["--run", str(run), "--output", str(out), "--format", "all", "--verify"]) == 0
     check_report(report(out), ALL_FORMATS)
+    # Masks come back at the input's own size, in every runtime, equal to the Keras logits
+    # resized back before the softmax (what predict --volume does).
+    from tfvision import serving
+
+    x = np.stack([photo(i, 64)[7:40, 3:50, :1] for i in range(2)])  # 33 x 47
+    main_output = keras.Model(model.input, model.get_layer("logits").output)
+    want = tf.nn.softmax(tf.image.resize(main_output(tf.image.resize(x.astype(np.float32), (40, 40))), (33, 47)))
     sig = tf.saved_model.load(str(out / "savedmodel")).signatures["serving_default"]
-    got = sig(image=tf.zeros([2, 33, 47, 1], tf.uint8))
-    assert got["probabilities"].shape == (2, 40, 40, 3) and got["labels"].shape == (2, 40, 40)
+    got = sig(image=tf.constant(x))
+    assert got["probabilities"].shape == (2, 33, 47, 3) and got["labels"].shape == (2, 33, 47)
+    np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
+    np.testing.assert_array_equal(got["labels"], np.argmax(want, -1))
+    import onnxruntime as ort
+
+    onnx_probs = ort.InferenceSession(str(out / "model.onnx")).run(["probabilities"], {"image": x})[0]
+    np.testing.assert_allclose(onnx_probs, want, atol=1e-5)
+    _, tflite = serving.tflite_interpreter(out / "model.tflite")
+    np.testing.assert_allclose(tflite(image=x)["probabilities"], want, atol=1e-5)
+    bytes_sig = tf.saved_model.load(str(out / "savedmodel")).signatures["serve_bytes"]
+    assert bytes_sig(image_bytes=tf.constant([jpeg_bytes(photo(0, 64))]))["probabilities"].shape == (1, 40, 40, 3)
 
 
 # --------------------------------------------------------------------------- every backbone family (slow)

@@ -135,7 +135,8 @@ def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:
         "image_size": info["image_size"], "channels": info["channels"],
         "inputs": {"image": "uint8 [N, H, W, C], any H and W; resized inside",
                    "image_bytes": "string [N], encoded JPEG/PNG (SavedModel serve_bytes only)"},
-        "outputs": {"probabilities": "float32 [N, K], or [N, h, w, K] for dense (per-pixel) models",
+        "outputs": {"probabilities": "float32 [N, K], or [N, H, W, K] for dense (per-pixel) models: "
+                                     "the input's H and W (serve_bytes: the run's image size)",
                     "labels": "int64: class index, or multi-hot [..., K] for sigmoid models"},
         "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
@@ -257,32 +258,32 @@ def _same_size_batches(arrays: list[np.ndarray], batch: int = 16):
             yield idx[s : s + batch]
 
 
-def _run_all(call, arrays) -> np.ndarray:
-    """Probabilities of `call(uint8 batch)` for every image, in input order."""
+def _run_all(call, arrays) -> list[np.ndarray]:
+    """Probabilities of `call(uint8 batch)` for every image, in input order (dense outputs have
+    each image's own size, so this is a list)."""
     out = [None] * len(arrays)
     for idx in _same_size_batches(arrays):
         probs = np.asarray(call(np.stack([arrays[i] for i in idx])), np.float32)
         for i, p in zip(idx, probs, strict=True):
             out[i] = p
-    return np.stack(out)
+    return out
 
 
-def reference(model, info: dict, arrays, raw) -> tuple[np.ndarray, np.ndarray]:
+def reference(model, info: dict, arrays, raw) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Keras probabilities for the uint8 images and for the decoded bytes."""
     import tensorflow as tf
 
     from tfvision.data.decode import decode_resized
-    from tfvision.serving import postprocess
+    from tfvision.serving import logits_at_input_size, postprocess
 
     size = tuple(info["image_size"])
 
-    def probs(x):
-        return postprocess(model(x, training=False), info["activation"], info["temperature"],
-                           info["rule"])["probabilities"].numpy()
+    def probs(logits):
+        return postprocess(logits, info["activation"], info["temperature"], info["rule"])["probabilities"].numpy()
 
-    from_uint8 = _run_all(lambda b: probs(tf.image.resize(tf.cast(b, tf.float32), size)), arrays)
+    from_uint8 = _run_all(lambda b: probs(logits_at_input_size(model, tf.cast(b, tf.float32), size)), arrays)
     decoded = np.stack([decode_resized(tf.constant(d), info["channels"], size).numpy() for d in raw])
-    from_bytes = np.concatenate([probs(decoded[s : s + 16]) for s in range(0, len(decoded), 16)])
+    from_bytes = [p for s in range(0, len(decoded), 16) for p in probs(model(decoded[s : s + 16], training=False))]
     return from_uint8, from_bytes
 
 
@@ -315,14 +316,19 @@ def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str])
     for e in entries:
         call = runner(e, root)
         if e.get("signature") == "serve_bytes":
-            got = np.concatenate([call(raw[s : s + 16]) for s in range(0, len(raw), 16)])
+            got = [p for s in range(0, len(raw), 16) for p in call(raw[s : s + 16])]
             ref = ref_bytes
         else:
             got, ref = _run_all(call, arrays), ref_uint8
-        diff = float(np.abs(got - ref).max())
-        top1 = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+        if any(g.shape != r.shape for g, r in zip(got, ref, strict=True)):
+            raise RuntimeError(f"{e['format']}: output shapes differ from Keras's "
+                               f"({got[0].shape} against {ref[0].shape} for the first image)")
+        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
+        # top-1 per image, or per pixel for dense outputs
+        top1 = float(np.mean(np.concatenate([(g.argmax(-1) == r.argmax(-1)).ravel()
+                                             for g, r in zip(got, ref, strict=True)])))
         e.update(max_abs_diff=diff, top1_agreement=top1, n_images=len(paths),
-                 passed=bool(np.isfinite(got).all() and diff <= e["threshold"]))
+                 passed=bool(all(np.isfinite(g).all() for g in got) and diff <= e["threshold"]))
         ok &= e["passed"]
         log.info("%-10s %-16s %-8s max_abs_diff=%.3g top1_agreement=%.4f %s", e["format"],
                  e.get("signature", ""), e["precision"], diff, top1, "ok" if e["passed"] else "FAILED")

@@ -4,7 +4,9 @@
 export ships: uint8 images [N, H, W, C] at any size in; resize to the run's
 image size, normalisation (the model's own `ImageNormalization` layer),
 backbone, head, temperature and softmax/sigmoid inside; ``probabilities`` and
-``labels`` out. A second function takes encoded JPEG/PNG bytes and decodes
+``labels`` out. Dense (per-pixel) models answer at the input's own H x W
+(`logits_at_input_size`), except through the bytes signature, whose batch of
+differently sized files shares the run's image size. A second function takes encoded JPEG/PNG bytes and decodes
 them with the training pipeline's own `decode_resized` (magic bytes, DCT downscaling).
 
 The converters get a *frozen, flattened* GraphDef of that function
@@ -95,6 +97,21 @@ def postprocess(logits, activation: str, temperature: float, rule: dict) -> dict
     return {"probabilities": probs, "labels": labels}
 
 
+def logits_at_input_size(model, images, image_size):
+    """The model on float images [N, H, W, C] of any size: resized to `image_size` (bilinear, as
+    the pipeline resizes), and dense (per-pixel) logits resized back to H x W, bilinearly and
+    before any softmax or argmax, so that a mask lines up with the image it came from.
+
+    One rule for every consumer of a dense model at the input's size: the exported graphs,
+    their verification, and ``predict --volume`` (`tfvision.medical.volume_inference`).
+    """
+    logits = model(tf.image.resize(images, image_size), training=False)
+    logits = logits[0] if isinstance(logits, (list, tuple)) else logits  # deep supervision: main output
+    if logits.shape.rank == 4:
+        logits = tf.image.resize(logits, tf.shape(images)[1:3])
+    return logits
+
+
 class ServingModule(tf.Module):
     """uint8 images (any size) or encoded bytes -> probabilities and labels.
 
@@ -130,9 +147,8 @@ class ServingModule(tf.Module):
             tf.TensorSpec([None], tf.string, name="image_bytes")])
 
     def logits(self, images):
-        """float32 images [N, H, W, C] on 0..255 at any size -> logits."""
-        x = tf.image.resize(tf.cast(images, tf.float32), self.image_size)  # bilinear, as the pipeline
-        return self.model(x, training=False)
+        """float32 images [N, H, W, C] on 0..255 at any size -> logits (dense ones at H x W)."""
+        return logits_at_input_size(self.model, tf.cast(images, tf.float32), self.image_size)
 
     @property
     def model(self):

@@ -22,6 +22,8 @@ def segment_volume(model, volume: np.ndarray, info: dict, batch_size: int = 8) -
     """Integer label volume with the shape of `volume`."""
     import tensorflow as tf
 
+    from tfvision.serving import logits_at_input_size
+
     med = info["medical"]
     axis, size, channels = med["slice_axis"], tuple(info["image_size"]), info["channels"]
     slices = np.moveaxis(window_volume(volume, med["windows"]), axis, 0) * 255.0  # the pipeline's 0..255 scale
@@ -29,13 +31,10 @@ def segment_volume(model, volume: np.ndarray, info: dict, batch_size: int = 8) -
         if slices.shape[-1] != 1:
             raise ValueError(f"run expects {channels} channels, windows give {slices.shape[-1]}")
         slices = np.repeat(slices, channels, axis=-1)
-    hw = slices.shape[1:3]
 
     @tf.function(reduce_retracing=True)
     def step(x):
-        logits = model(tf.image.resize(x, size), training=False)
-        logits = logits[0] if isinstance(logits, (list, tuple)) else logits
-        return tf.argmax(tf.image.resize(logits, hw), axis=-1, output_type=tf.int32)
+        return tf.argmax(logits_at_input_size(model, x, size), axis=-1, output_type=tf.int32)
 
     labels = [step(tf.constant(slices[i : i + batch_size])).numpy() for i in range(0, len(slices), batch_size)]
     return np.moveaxis(np.concatenate(labels, axis=0), 0, axis)
