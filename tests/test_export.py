@@ -327,6 +327,31 @@ def test_convnext_ops_convert_after_unwrapping_and_erfc_rewrite():
     np.testing.assert_allclose(runner(image=x)["y"], want, atol=1e-5)
 
 
+def test_input_normalisation_moves_after_the_layout_transpose_exactly():
+    """tf2onnx leaves (x - mean) * (1/std) on the NHWC input, in front of its NCHW Transpose,
+    where ONNX Runtime broadcasts slowly; to_onnx moves it after the Transpose, same values."""
+    import onnxruntime as ort
+
+    from tfvision import serving
+    from tfvision.models.layers import ImageNormalization
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((20, 20, 3))
+    x = ImageNormalization([123.7, 116.3, 103.5], [58.4, 57.1, 57.4], False)(inp)
+    model = keras.Model(inp, keras.layers.Conv2D(4, 3, padding="same")(x))
+    fn = tf.function(lambda image: {"y": model(image)},
+                     input_signature=[tf.TensorSpec([None, 20, 20, 3], tf.float32, name="image")])
+    onnx_model = serving.to_onnx(serving.freeze(fn.get_concrete_function()))
+    first = onnx_model.graph.node[:3]
+    assert [n.op_type for n in first] == ["Transpose", "Sub", "Mul"] and first[0].input[0] == "image"
+    shapes = {i.name: list(i.dims) for i in onnx_model.graph.initializer}
+    assert shapes[first[1].input[1]] == shapes[first[2].input[1]] == [1, 3, 1, 1]
+    assert not any(len(d) == 1 and d == [3] for d in shapes.values())  # the NHWC constants are gone
+    x = np.random.default_rng(1).uniform(0, 255, (2, 20, 20, 3)).astype(np.float32)
+    got = ort.InferenceSession(onnx_model.SerializeToString()).run(["y"], {"image": x})[0]
+    np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5)
+
+
 def test_unet_dense_output_exports_per_pixel_probabilities(tmp_path):
     from tfvision.models.backbones import InputNorm
     from tfvision.models.unet import build_unet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import tracemalloc
 from pathlib import Path
@@ -154,6 +155,7 @@ def _peak_bytes(tmp_path: Path, n: int, image: Path, trace: bool = True) -> tupl
     if not trace:
         assert main(args) == 0
         return 0, 0
+    gc.collect()  # garbage left by earlier tests would otherwise be freed (or not) mid-run, at random
     tracemalloc.start()
     try:
         assert main(args) == 0

@@ -298,11 +298,78 @@ def to_onnx(graph: FrozenGraph, metadata: dict | None = None, opset: int = ONNX_
     unknown = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx.ml")})
     if unknown:
         raise RuntimeError(f"tf2onnx left ops ONNX Runtime cannot run: {unknown}")
+    _per_channel_ops_after_transpose(model)
     if metadata:
         onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v)
                                             for k, v in metadata.items()})
     onnx.checker.check_model(model)
     return model
+
+
+_PER_CHANNEL_OPS = ("Sub", "Mul", "Add", "Div")
+_NHWC_TO_NCHW = [0, 3, 1, 2]
+
+
+def _per_channel_ops_after_transpose(model) -> None:
+    """Run per-channel arithmetic on a graph input after tf2onnx's NHWC -> NCHW Transpose.
+
+    tf2onnx 1.17 leaves the normalisation ``(x - mean) * (1 / std)`` of an NHWC input in
+    front of the Transpose it inserts for the first convolution. ONNX Runtime 1.31 broadcasts
+    a [C] constant over an innermost axis of 3 slowly: on EfficientNetV2-B0 at 224 px those
+    two ops took 10.6% of the CPU time against 0.7% for the same ops on the NCHW tensor
+    (its profiler, one thread). The rewrite is exact: the same float32 operations on the same
+    values, in another memory order; the constants become [1, C, 1, 1]. It matches only a
+    chain of such ops, each with a constant [C] operand and no other consumer, from a graph
+    input into a Transpose with perm [0, 3, 1, 2], and leaves every other graph as it is.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {init.name: init for init in graph.initializer}
+    for graph_input in graph.input:
+        chain, tensor = [], graph_input.name
+        while len(consumers.get(tensor, [])) == 1:
+            node = consumers[tensor][0]
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm == _NHWC_TO_NCHW and chain:
+                    _move_after(graph, chain, node, graph_input.name, constants, helper, numpy_helper)
+                break
+            other = [i for i in node.input if i != tensor]
+            if (node.op_type not in _PER_CHANNEL_OPS or list(node.input).index(tensor) != 0 or len(other) != 1
+                    or other[0] not in constants or len(constants[other[0]].dims) != 1):
+                break
+            chain.append(node)
+            tensor = node.output[0]
+
+
+def _move_after(graph, chain, transpose, source, constants, helper, numpy_helper) -> None:
+    out = transpose.output[0]
+    transpose.input[0] = source
+    transpose.output[0] = f"{source}__nchw"
+    previous = transpose.output[0]
+    for k, node in enumerate(chain):
+        c = numpy_helper.to_array(constants[node.input[1]]).reshape(1, -1, 1, 1)
+        name = f"{node.input[1]}__nchw"
+        graph.initializer.append(numpy_helper.from_array(c, name))
+        node.input[0], node.input[1] = previous, name
+        node.output[0] = out if k == len(chain) - 1 else f"{node.output[0]}__nchw"
+        previous = node.output[0]
+    # Keep the node list topologically sorted: the transpose now runs first.
+    nodes = [n for n in graph.node if n is not transpose and all(n is not c for c in chain)]
+    first = min(i for i, n in enumerate(graph.node) if n is transpose or any(n is c for c in chain))
+    ordered = nodes[:first] + [helper.make_node("Transpose", [source], [transpose.output[0]], perm=_NHWC_TO_NCHW,
+                                                name=transpose.name)] + list(chain) + nodes[first:]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {name for n in graph.node for name in n.input}
+    kept = [init for init in graph.initializer if init.name in used or init.name not in constants]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def onnx_float16_weights(model, min_elements: int = 16):
