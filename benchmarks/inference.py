@@ -83,12 +83,12 @@ def make_run(root: Path, backbone: str, size: int, paths) -> Path:
     return root
 
 
-def interleaved(contenders: dict, n: int, rounds: int) -> list[dict]:
+def interleaved(contenders: dict, n: int, rounds: int, first_calls: dict | None = None) -> list[dict]:
     """Each contender's first call (with any tracing), then `rounds` rounds over all contenders in
     turn, so that a burst of load from other jobs hits one round of each rather than one contender;
     the best round of each is kept (with its CPU time per image) and the median is reported too."""
     first = {}
-    for name, run_all in contenders.items():
+    for name, run_all in (first_calls or contenders).items():
         t0 = time.perf_counter()
         run_all()
         first[name] = time.perf_counter() - t0
@@ -111,7 +111,9 @@ def interleaved(contenders: dict, n: int, rounds: int) -> list[dict]:
     return out
 
 
-def engines(run: Path, x_uint8: np.ndarray, rounds: int) -> list[dict]:
+def engines(run: Path, x_uint8: np.ndarray, rounds: int, passes: int = 1) -> list[dict]:
+    """Every engine over the decoded images, `passes` times per timed round (as many images as
+    extract reads, so that both sides are timed over runs of the same length)."""
     import keras
     import onnxruntime as ort
     import tensorflow as tf
@@ -126,13 +128,15 @@ def engines(run: Path, x_uint8: np.ndarray, rounds: int) -> list[dict]:
                      input_signature=[tf.TensorSpec([None, *x.shape[1:]], tf.float32)])
     sm = tf.saved_model.load(str(run / "export_savedmodel" / "savedmodel")).signatures["serving_default"]
     session = ort.InferenceSession(str(run / "export_onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    return interleaved({
+    contenders = {
         PREDICT: lambda: model.predict(x, batch_size=BATCH, verbose=0),
         TF_FUNCTION: lambda: [fn(x[s]).numpy() for s in batches],
         "exported SavedModel serving_default (uint8)":
             lambda: [sm(image=tf.constant(x_uint8[s]))["probabilities"].numpy() for s in batches],
         ORT: lambda: [session.run(["probabilities"], {"image": x_uint8[s]}) for s in batches],
-    }, n, rounds)
+    }
+    repeated = {name: (lambda once=once: [once() for _ in range(passes)]) for name, once in contenders.items()}
+    return interleaved(repeated, n * passes, rounds, first_calls=contenders)
 
 
 def predict_ablation(run: Path, x_uint8: np.ndarray, rounds: int) -> list[dict]:
@@ -208,16 +212,16 @@ def _bare_loop(listed, size: int, model, engines: dict, engine: str) -> tuple[fl
     return len(listed) / wall, 1000 * cpu / len(listed)
 
 
-def _arrays_loop(x: np.ndarray, engine) -> tuple[float, float]:
+def _arrays_loop(x: np.ndarray, engine, passes: int) -> tuple[float, float]:
     """(img/s, CPU-ms/img) of an extract engine on decoded float arrays, batches of 32, as extract calls it."""
     import tfvision.extract as ex
 
-    batches = [{"image": x[i : i + BATCH]} for i in range(0, len(x), BATCH)]
+    batches = [{"image": x[i : i + BATCH]} for i in range(0, len(x), BATCH)] * passes
     cpu0, t0 = common.cpu_seconds(), time.perf_counter()
     for _ in ex.in_order(engine, batches):
         pass
     wall, cpu = time.perf_counter() - t0, common.cpu_seconds() - cpu0
-    return len(x) / wall, 1000 * cpu / len(x)
+    return len(x) * passes / wall, 1000 * cpu / (len(x) * passes)
 
 
 def extract_runs(paths, size: int, backbone: str, workdir: Path, repeat: int, rounds: int,
@@ -255,7 +259,7 @@ def extract_runs(paths, size: int, backbone: str, workdir: Path, repeat: int, ro
             speed, cpu_ms = _bare_loop(listed, size, model, engines, engine)
             seen.setdefault(f"{engine} engine fed by the same pipeline, no writing", []).append(
                 (speed, cpu_ms, common.loadavg()))
-            speed, cpu_ms = _arrays_loop(x, engines[engine])
+            speed, cpu_ms = _arrays_loop(x, engines[engine], repeat)
             seen.setdefault(f"{engine} engine of extract on decoded arrays", []).append(
                 (speed, cpu_ms, common.loadavg()))
     out = []
@@ -282,6 +286,9 @@ def main(argv=None):
     ap.add_argument("--no-extract", action="store_true")
     ap.add_argument("--extract-repeat", type=int, default=8,
                     help="extract reads the image list this many times over (default 8: 2048 images)")
+    ap.add_argument("--engine-passes", type=int, default=8,
+                    help="passes over the images per timed engine round (default 8: as many images as "
+                         "extract reads with the default --extract-repeat)")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
 
@@ -293,8 +300,10 @@ def main(argv=None):
         print(f"exporting {args.backbone} (random weights) at {args.size}px ...", flush=True)
         run = make_run(tmp / "run", args.backbone, args.size, paths)
         x = load_images(paths, args.size)
-        print(f"engines, batch {BATCH}, {len(x)} images, best of {args.rounds}:", flush=True)
-        results = {"machine": info, "args": vars(args), "engines": engines(run, x, args.rounds)}
+        print(f"engines, batch {BATCH}, {len(x)} images x {args.engine_passes} passes, best of {args.rounds}:",
+              flush=True)
+        results = {"machine": info, "args": vars(args),
+                   "engines": engines(run, x, args.rounds, args.engine_passes)}
         if not args.no_extract:
             results["extract"] = extract_runs(paths, args.size, args.backbone, tmp, args.extract_repeat,
                                               args.rounds, x.astype(np.float32))
