@@ -43,7 +43,8 @@ def pipeline_images(paths, size: int) -> np.ndarray:
                      for p in paths])
 
 
-def test_features_equal_backbone_predict_on_the_same_images(tmp_path):
+@pytest.mark.parametrize("engine", ["keras", "onnx"])
+def test_features_equal_backbone_predict_on_the_same_images(tmp_path, engine):
     keras.utils.set_random_seed(3)
     model = build_image_model("small_cnn", 3, 2, None, HeadConfig(), input_norm("small_cnn", "imagenet", 3))
     ckpt = tmp_path / "best.keras"
@@ -51,7 +52,7 @@ def test_features_equal_backbone_predict_on_the_same_images(tmp_path):
     images = image_folder(tmp_path / "images", {"cat": 4, "dog": 3})
     out = tmp_path / "features"
     assert main(["--backbone", "small_cnn", "--weights", str(ckpt), "--image-size", "32", "--input", str(images),
-                 "--output", str(out), "--batch-size", "3"]) == 0
+                 "--output", str(out), "--batch-size", "3", "--engine", engine]) == 0
 
     ids = pd.read_csv(out / "ids.csv", dtype=str)
     feats = np.load(out / "features.npy")
@@ -59,7 +60,7 @@ def test_features_equal_backbone_predict_on_the_same_images(tmp_path):
     x = pipeline_images(ids["path"], 32)
     normalized = model.get_layer("normalize")(x)
     want = model.get_layer("backbone").predict(normalized, verbose=0).mean(axis=(1, 2))  # + global average pool
-    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-6 if engine == "keras" else 1e-5)
     assert ids["row"].astype(int).tolist() == list(range(7))
     np.testing.assert_array_equal(np.load(out / "labels.npy"), [0, 0, 0, 0, 1, 1, 1])
     meta = json.loads((out / "metadata.json").read_text())
@@ -74,7 +75,7 @@ def test_onnx_engine_and_float16_give_the_keras_features(tmp_path):
     # Batches of 2: the ONNX engine runs two at once and must still write rows in input order.
     args = ["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
             "--batch-size", "2"]
-    assert main([*args, "--output", str(tmp_path / "keras")]) == 0
+    assert main([*args, "--output", str(tmp_path / "keras"), "--engine", "keras"]) == 0
     assert main([*args, "--output", str(tmp_path / "onnx"), "--engine", "onnx", "--dtype", "float16"]) == 0
     a = np.load(tmp_path / "keras" / "features.npy")
     b = np.load(tmp_path / "onnx" / "features.npy")
@@ -83,6 +84,26 @@ def test_onnx_engine_and_float16_give_the_keras_features(tmp_path):
     assert json.loads((tmp_path / "onnx" / "metadata.json").read_text())["engine"] == "onnx"
     ids = [(tmp_path / e / "ids.csv").read_text() for e in ("keras", "onnx")]
     assert ids[0] == ids[1]
+
+
+def test_auto_engine_is_onnx_without_a_gpu_and_falls_back_to_keras(tmp_path, monkeypatch, caplog):
+    import tfvision.extract as ex
+
+    assert not tf.config.list_physical_devices("GPU")  # CI and the dev machines: CPU only
+    images = image_folder(tmp_path / "images", {"a": 2, "b": 2})
+    args = ["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images)]
+    assert main([*args, "--output", str(tmp_path / "auto")]) == 0
+    assert json.loads((tmp_path / "auto" / "metadata.json").read_text())["engine"] == "onnx"
+
+    def broken(model):
+        raise RuntimeError("tf2onnx left ops ONNX Runtime cannot run: ['Imaginary']")
+
+    monkeypatch.setattr(ex, "onnx_engine", broken)
+    assert main([*args, "--output", str(tmp_path / "fallback")]) == 0
+    assert json.loads((tmp_path / "fallback" / "metadata.json").read_text())["engine"] == "keras"
+    assert "ONNX conversion failed (RuntimeError: tf2onnx left ops" in caplog.text
+    np.testing.assert_allclose(np.load(tmp_path / "fallback" / "features.npy"),
+                               np.load(tmp_path / "auto" / "features.npy"), rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_engine_slices_batches_without_changing_rows(tmp_path, monkeypatch):
@@ -121,7 +142,8 @@ def test_csv_input_with_template_skips_unreadable_images_and_keeps_rows_aligned(
     out = tmp_path / "features"
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input",
                  str(root / "train.csv"), "--path-template", "images/image_{imageid}_product_{productid}.jpg",
-                 "--label-column", "prdtypecode", "--id-column", "imageid", "--output", str(out), "--tsne"]) == 0
+                 "--label-column", "prdtypecode", "--id-column", "imageid", "--output", str(out), "--tsne",
+                 "--engine", "keras"]) == 0
     ids = pd.read_csv(out / "ids.csv", dtype=str)
     feats, labels = np.load(out / "features.npy"), np.load(out / "labels.npy")
     assert len(ids) == len(feats) == len(labels) == 8
@@ -140,7 +162,7 @@ def test_csv_input_with_template_skips_unreadable_images_and_keeps_rows_aligned(
     one.mkdir()
     (one / keep.name).write_bytes(keep.read_bytes())
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(one),
-                 "--output", str(again)]) == 0
+                 "--output", str(again), "--engine", "keras"]) == 0
     np.testing.assert_allclose(np.load(again / "features.npy")[0], feats[5], rtol=1e-5, atol=1e-7)
     assert (out / "tsne.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -151,7 +173,7 @@ def _peak_bytes(tmp_path: Path, n: int, image: Path, trace: bool = True) -> tupl
     pd.DataFrame({"path": [str(image)] * n, "id": [f"item{i:06d}" for i in range(n)]}).to_csv(csv, index=False)
     out = tmp_path / f"out{n}"
     args = ["--backbone", "efficientnetv2_b0", "--weights", "null", "--image-size", "32", "--input", str(csv),
-            "--id-column", "id", "--output", str(out), "--batch-size", "32"]
+            "--id-column", "id", "--output", str(out), "--batch-size", "32", "--engine", "keras"]
     if not trace:
         assert main(args) == 0
         return 0, 0
@@ -183,7 +205,7 @@ def test_nan_features_stop_with_exit_1_and_no_output(tmp_path, monkeypatch, caps
     monkeypatch.setattr(ex, "keras_engine", lambda model: ex.Engine(lambda x: np.full((len(x), 256), np.nan, np.float32)))
     out = tmp_path / "features"
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
-                 "--output", str(out)]) == 1
+                 "--output", str(out), "--engine", "keras"]) == 1
     assert "NaN/Inf features" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".features*"))
 
@@ -194,7 +216,7 @@ def test_float16_overflow_is_named(tmp_path, monkeypatch, capsys):
     images = image_folder(tmp_path / "images", {"a": 2})
     monkeypatch.setattr(ex, "keras_engine", lambda model: ex.Engine(lambda x: np.full((len(x), 256), 1e6, np.float32)))
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(images),
-                 "--output", str(tmp_path / "f"), "--dtype", "float16"]) == 1
+                 "--output", str(tmp_path / "f"), "--dtype", "float16", "--engine", "keras"]) == 1
     assert "use --dtype float32" in capsys.readouterr().err
 
 
@@ -226,7 +248,7 @@ def test_tfrecord_shards_give_the_same_features_as_the_files(small_digits, tmp_p
     convert.convert(cfg, shards, shard_mb=0.03, gzip=False, progress=False)
     out = tmp_path / "from_records"
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(shards),
-                 "--split", "val", "--output", str(out)]) == 0
+                 "--split", "val", "--output", str(out), "--engine", "keras"]) == 0
     ids = pd.read_csv(out / "ids.csv", dtype=str)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["n_images"] == len(ids) > 0 and meta["class_names"] == [str(i) for i in range(10)]
@@ -234,7 +256,7 @@ def test_tfrecord_shards_give_the_same_features_as_the_files(small_digits, tmp_p
     pd.DataFrame({"path": [str(small_digits / p) for p in ids["id"]], "label": ids["label"]}).to_csv(files, index=False)
     direct = tmp_path / "from_files"
     assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(files),
-                 "--output", str(direct)]) == 0
+                 "--output", str(direct), "--engine", "keras"]) == 0
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(direct / "features.npy"), rtol=1e-5, atol=1e-7)
     labels = np.load(out / "labels.npy")
     np.testing.assert_array_equal(labels, [meta["class_names"].index(v) for v in ids["label"]])

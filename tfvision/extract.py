@@ -16,7 +16,9 @@ Inputs: a CSV (``--path-column`` or ``--path-template``, optional
 give labels), or a TFRecord shard folder made by ``python -m tfvision.convert``.
 Images go through the evaluation pipeline (`tfvision.data.pipeline`): decode
 by magic bytes, resize; normalisation is the backbone's ImageNet one (or the
-run's, with ``--weights RUN/checkpoints/best.keras``).
+run's, with ``--weights RUN/checkpoints/best.keras``). The model runs as a
+compiled ``tf.function`` (``--engine keras``) or, converted, in ONNX Runtime
+(``--engine onnx``); ``auto``, the default, takes ONNX Runtime when there is no GPU.
 
 Memory stays flat whatever N: features and labels stream into ``.npy``
 memory maps, ids.csv is appended batch by batch. Unreadable images are
@@ -207,6 +209,29 @@ def onnx_engine(model) -> Engine:
     return Engine(run, in_flight)
 
 
+def choose_engine(model, name: str) -> tuple[Engine, str]:
+    """(engine, its name) for ``--engine keras|onnx|auto``.
+
+    ``auto`` (the default) takes ONNX Runtime when TensorFlow sees no GPU: on CPU it ran 1.4x
+    the Keras engine (benchmarks/README.md), for a conversion of a few seconds. With a GPU,
+    or when the conversion fails (the reason is logged), it takes the Keras engine.
+    """
+    if name == "keras":
+        return keras_engine(model), "keras"
+    if name == "onnx":
+        return onnx_engine(model), "onnx"
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return keras_engine(model), "keras"
+    try:
+        return onnx_engine(model), "onnx"
+    except Exception as e:  # a converter gap must not stop an extraction the Keras engine can do
+        log.warning("--engine auto: ONNX conversion failed (%s: %s); using the Keras engine",
+                    type(e).__name__, e)
+        return keras_engine(model), "keras"
+
+
 def in_order(engine: Engine, dataset):
     """(batch, features) in dataset order, with up to `engine.in_flight` batches running at once."""
     if engine.in_flight <= 1:
@@ -319,7 +344,7 @@ def extract(args) -> dict:
     keras.utils.set_random_seed(args.seed)  # --weights null: the same random backbone every run
     model = feature_model(args.backbone, args.weights, args.image_size, args.channels)
     dim = int(model.output_shape[-1])
-    engine = onnx_engine(model) if args.engine == "onnx" else keras_engine(model)
+    engine, engine_name = choose_engine(model, args.engine)
     dataset = feature_dataset(elements, n, args.image_size, args.channels, args.batch_size)
     # Trace, and let the runtime size its buffers for a full batch, before the clock starts.
     engine(np.zeros((min(args.batch_size, n), args.image_size, args.image_size, args.channels), np.float32))
@@ -375,7 +400,7 @@ def extract(args) -> dict:
     std = np.sqrt(np.maximum(total_sq / max(kept, 1) - mean**2, 0.0))
     meta = {
         "backbone": args.backbone, "weights": args.weights, "image_size": [args.image_size, args.image_size],
-        "channels": args.channels, "feature_dim": dim, "dtype": args.dtype, "engine": args.engine,
+        "channels": args.channels, "feature_dim": dim, "dtype": args.dtype, "engine": engine_name,
         "pooling": "global_average", "input": description, "n_images": kept, "n_input": n,
         "n_rejected": n - kept, "rejected": rejected,
         "tfvision_version": __version__, "tensorflow_version": tf.__version__,
@@ -393,7 +418,7 @@ def extract(args) -> dict:
                     class_counts={c: int(k) for c, k in zip(class_names, counts, strict=True)},
                     # = sklearn compute_class_weight("balanced"): N / (K * n_k)
                     class_weights=[round(float(w), 6) for w in class_weights(counts, "inverse")])
-    log.info("%d images, %d features each, %.1f img/s (%s engine)", kept, dim, meta["images_per_s"] or 0, args.engine)
+    log.info("%d images, %d features each, %.1f img/s (%s engine)", kept, dim, meta["images_per_s"] or 0, engine_name)
     return meta
 
 
@@ -478,7 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--input", required=True, help="CSV, image folder, or TFRecord shard folder")
     p.add_argument("--output", required=True, help="output folder (replaced atomically)")
-    p.add_argument("--engine", choices=["keras", "onnx"], default="keras")
+    p.add_argument("--engine", choices=["auto", "keras", "onnx"], default="auto",
+                   help="auto (default): ONNX Runtime on a machine without a GPU, else Keras")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="features.npy dtype")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tsne", action="store_true", help="also write tsne.png")
