@@ -399,3 +399,21 @@ def test_every_backbone_family_round_trips_in_every_format(tmp_path, backbone, s
     check_report(rep, ALL_FORMATS | REDUCED)
     print(json.dumps({backbone: {f"{e['format']}/{e['precision']}/{e.get('signature', '')}":
                                  [e["max_abs_diff"], e["top1_agreement"]] for e in rep["exports"]}}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["efficientnetv2_b0", "convnext_tiny", "resnet50"])
+def test_encoder_unet_exports_masks_at_input_size_in_every_format(tmp_path, encoder):
+    from tfvision.models.unet import build_encoder_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_encoder_unet(encoder, 3, 3, input_norm(encoder, "imagenet", 3), None,
+                               decoder_filters=(32, 16, 8, 8, 8))
+    run = fake_run(tmp_path / "run", model, size=64, classes=["bg", "organ", "lesion"], n_images=4)
+    out = tmp_path / "export"
+    assert main(["--run", str(run), "--output", str(out), "--format", "all", "--verify"]) == 0
+    rep = report(out)
+    check_report(rep, ALL_FORMATS)
+    sig = tf.saved_model.load(str(out / "savedmodel")).signatures["serving_default"]
+    assert sig(image=tf.zeros([1, 50, 70, 3], tf.uint8))["labels"].shape == (1, 50, 70)
+    print(json.dumps({encoder: {f"{e['format']}/{e.get('signature', '')}": e["max_abs_diff"] for e in rep["exports"]}}))

@@ -43,6 +43,31 @@ def pipeline_images(paths, size: int) -> np.ndarray:
                      for p in paths])
 
 
+def test_mixed_precision_checkpoint_gives_float32_features(tmp_path):
+    """A run trained in mixed_float16: extraction computes in float32 (CPUs emulate float16,
+    and float16 casts would land in the ONNX graph), and equals the float32 model's features."""
+    import tfvision.extract as ex
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(3)
+        model = build_image_model("small_cnn", 3, 2, None, HeadConfig(), input_norm("small_cnn", "imagenet", 3))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("backbone").layers[1].compute_dtype == "float16"
+    ckpt = tmp_path / "best.keras"
+    model.save(ckpt)
+    features = ex.feature_model("small_cnn", str(ckpt), 32, 3)
+    assert {layer.compute_dtype for layer in features.get_layer("backbone").layers} == {"float32"}
+    x = pipeline_images(sorted(image_folder(tmp_path / "images", {"a": 3}).rglob("*.*")), 32)
+    reference = build_image_model("small_cnn", 3, 2, None, HeadConfig(), input_norm("small_cnn", "imagenet", 3))
+    reference.set_weights(model.get_weights())  # the same weights, float32 layers
+    want = reference.get_layer("backbone")(reference.get_layer("normalize")(x)).numpy().mean(axis=(1, 2))
+    got = ex.keras_engine(features)(x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # float16 compute would miss by ~1e-3
+
+
 @pytest.mark.parametrize("engine", ["keras", "onnx"])
 def test_features_equal_backbone_predict_on_the_same_images(tmp_path, engine):
     keras.utils.set_random_seed(3)

@@ -82,49 +82,15 @@ def read_run(run_dir: Path) -> dict:
 
 
 def load_float32_model(run_dir: Path):
-    """The best checkpoint, rebuilt in float32 when it was trained in mixed precision.
-
-    Mixed-precision layers compute in float16/bfloat16; exports must not, so the
-    model config is rewritten to float32 and the (float32) weights copied over.
-    """
+    """The best checkpoint in float32 (see `tfvision.models.checkpoint`), main output only."""
     import keras
 
-    # Register the custom layers a checkpoint may hold (safe_mode stays on).
-    import tfvision.models.layers  # noqa: F401
-    import tfvision.models.unet_blocks  # noqa: F401
+    from tfvision.models.checkpoint import load_float32
 
-    model = keras.saving.load_model(Path(run_dir) / "checkpoints" / "best.keras", compile=False)
+    model = load_float32(Path(run_dir) / "checkpoints" / "best.keras")
     if len(model.outputs) > 1:  # deep supervision: serve the main output only
         model = keras.Model(model.input, model.get_layer("logits").output, name=model.name)
-    if all(_compute_dtype(layer) == "float32" for layer in _all_layers(model)):
-        return model
-    config = _float32_config(keras.saving.serialize_keras_object(model))
-    clone = keras.saving.deserialize_keras_object(config)
-    clone.set_weights(model.get_weights())
-    log.info("mixed-precision checkpoint: exporting a float32 copy")
-    return clone
-
-
-def _all_layers(layer):
-    yield layer
-    for sub in getattr(layer, "layers", []):
-        yield from _all_layers(sub)
-
-
-def _compute_dtype(layer) -> str:
-    policy = getattr(layer, "dtype_policy", None)
-    return getattr(policy, "compute_dtype", "float32") or "float32"
-
-
-def _float32_config(obj):
-    if isinstance(obj, dict):
-        if obj.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(obj.get("config"), dict):
-            return {**obj, "config": {**obj["config"], "name": "float32"}}
-        return {k: ("float32" if k == "dtype" and v in ("float16", "bfloat16") else _float32_config(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_float32_config(v) for v in obj]
-    return obj
+    return model
 
 
 def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:

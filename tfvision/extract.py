@@ -135,9 +135,9 @@ def feature_model(backbone: str, weights: str | None, image_size: int, channels:
 
     shape = (image_size, image_size, channels)
     if weights and weights.endswith(".keras"):  # a tfvision checkpoint: its backbone and normalisation
-        import tfvision.models.unet_blocks  # noqa: F401  (registers layers the checkpoint may use)
+        from tfvision.models.checkpoint import load_float32
 
-        trained = keras.saving.load_model(weights, compile=False)
+        trained = load_float32(weights)  # a mixed-precision run's features too are computed in float32
         net, norm = trained.get_layer("backbone"), trained.get_layer("normalize")
         normalize = ImageNormalization(norm.mean, norm.std, norm.bgr, name="normalize")
     else:
