@@ -339,3 +339,103 @@ def test_multilabel_records_carry_known_mask_and_eval_targets(small_digits, tmp_
             record_cfg = load_config(cfg_path, ["data.source=tfrecord", f"data.root={out}"])
             got = RecordInputs(record_cfg, get_task("multilabel", record_cfg)).targets("val")
             assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, evals.tolist()))
+
+
+def seg_folder(root: Path, n: int = 24, bad: bool = False) -> Path:
+    """Photos with label images made from their brightness (0 dark, 1 mid, 2 bright); with `bad`,
+    one mask of the wrong size and one saved as JPEG."""
+    from PIL import Image
+
+    from tests.conftest import jpeg_bytes, photo
+
+    (root / "img").mkdir(parents=True)
+    (root / "mask").mkdir()
+    rows = []
+    for i in range(n):
+        arr = photo(i, 48)
+        labels = np.digitize(arr.mean(-1), [85, 170]).astype(np.uint8)
+        (root / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(arr))
+        mask = root / "mask" / f"{i}.png"
+        if bad and i == 3:
+            Image.fromarray(labels[:40, :40]).save(mask)
+        elif bad and i == 5:
+            mask.write_bytes(jpeg_bytes(np.repeat(labels[..., None] * 100, 3, -1)))
+        else:
+            Image.fromarray(labels).save(mask)
+        rows.append({"path": f"img/{i}.jpg", "mask": f"mask/{i}.png", "patient": f"p{i % 6}"})
+    pd.DataFrame(rows).to_csv(root / "seg.csv", index=False)
+    return root
+
+
+def seg_config(root, tmp_path):
+    cfg = {
+        "task": "segmentation", "seed": 1,
+        "data": {"source": "csv", "root": str(root), "csv": "seg.csv", "mask_column": "mask",
+                 "group_column": "patient", "class_names": ["dark", "mid", "bright"], "image_size": 32,
+                 "split": {"method": "grouped", "val_fraction": 0.34}, "max_bad_fraction": 0.1},
+        "model": {"backbone": "unet", "weights": None, "unet": {"base_filters": 4, "depth": 2}},
+        "train": {"batch_size": 4, "epochs": 1, "steps_per_epoch": 2, "monitor": "val_dice",
+                  "tensorboard": False, "loss": {"name": "ce_dice", "class_weights": "sqrt_inverse"}},
+    }
+    p = tmp_path / "seg.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_segmentation_shards_carry_checked_masks_and_pixel_counts(tmp_path):
+    from PIL import Image
+
+    root = seg_folder(tmp_path / "data", bad=True)
+    cfg = load_config(seg_config(root, tmp_path))
+    out = tmp_path / "shards"
+    manifest = convert(cfg, out, shard_mb=0.01, progress=False)
+    assert manifest["has_mask"] and manifest["class_counts_unit"] == "pixels"
+    reasons = {Path(r["path"]).name: r["reason"] for r in manifest["rejected"]}
+    assert set(reasons) == {"3.jpg", "5.jpg"}
+    assert "40x40, its image is 48x48" in reasons["3.jpg"] and "not a PNG" in reasons["5.jpg"]
+    frame = source_split(cfg)
+    for split in ("train", "val"):
+        masks = [np.asarray(Image.open(m)) for p, m in frame[frame["split"] == split][["path", "mask"]].to_numpy()
+                 if Path(p).name not in reasons]
+        want = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=3)
+        assert list(manifest["class_counts"][split].values()) == want.tolist()
+        records = read_examples(str(out), split)
+        assert len(records) == len(masks)
+        for r in records:  # each record's mask is its own image's label file, byte for byte
+            assert r["label/mask"] == (root / "mask" / Path(r["image/id"].decode()).with_suffix(".png").name).read_bytes()
+    assert verify(str(out), progress=False) == ([], len(manifest["shards"]))
+
+
+def test_segmentation_trains_on_shards_with_the_masks_and_weights_of_the_files(tmp_path):
+    from tfvision.data.inputs import FileInputs
+    from tfvision.train import main as train_main
+
+    root = seg_folder(tmp_path / "data")
+    cfg_path = seg_config(root, tmp_path)
+    cfg = load_config(cfg_path)
+    out = tmp_path / "shards"
+    convert(cfg, out, shard_mb=0.01, progress=False)
+    rec_cfg = load_config(cfg_path, ["data.source=tfrecord", f"data.root={out}"])
+    task = get_task("segmentation", cfg)
+    files = FileInputs(cfg, task, source_split(cfg))
+    shards = RecordInputs(rec_cfg, get_task("segmentation", rec_cfg))
+    spec = PipelineSpec.from_config(cfg)
+
+    def pairs(inputs):  # (image, mask) of every val sample, in a common order
+        got = [(x, y) for bx, by in inputs.dataset("val", spec, training=False, format_batch=task.format_batch)
+               for x, y in zip(bx.numpy(), by.numpy(), strict=True)]
+        return sorted(got, key=lambda p: float(p[0].sum()))
+
+    a, b = pairs(files), pairs(shards)
+    assert len(a) == len(b) == files.sizes["val"] > 0
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        np.testing.assert_allclose(xa, xb, atol=1e-4)
+        np.testing.assert_array_equal(ya, yb)
+    assert len(np.unique(np.concatenate([y.ravel() for _, y in b]))) == 3
+    np.testing.assert_allclose(task.class_weights(rec_cfg, shards), task.class_weights(cfg, files), rtol=1e-6)
+
+    run = tmp_path / "run"
+    assert train_main(["--config", str(cfg_path), "--output-dir", str(run), "--quiet",
+                       "--set", "data.source=tfrecord", f"data.root={out}"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["val_dice_per_class"]) == {"dark", "mid", "bright"}

@@ -497,7 +497,7 @@ def _check_semantics(cfg: Config) -> None:
     if cfg.train.loss.name in ("dice", "ce_dice") and cfg.task != "segmentation":
         raise ConfigError(f"train.loss.name: {cfg.train.loss.name!r} is for task 'segmentation'")
     if cfg.task == "segmentation":
-        if not d.mask_column:
+        if not d.mask_column and d.source != "tfrecord":  # shards carry their masks
             raise ConfigError("data.mask_column: required for task 'segmentation'")
         if not d.class_names or len(d.class_names) < 2:
             raise ConfigError("data.class_names: segmentation needs the class names, background first "

@@ -121,9 +121,6 @@ def read_table(cfg: Config) -> tuple[pd.DataFrame, list[dict], list[str], object
 
     if cfg.data.source == "tfrecord":
         raise ConfigError("data.source: 'tfrecord' is already shards; convert reads the source they come from")
-    if cfg.task not in ("classification", "multilabel"):  # the schema has label/mask; the writer not yet
-        raise ConfigError(f"task: {cfg.task!r} shards (with label masks) are not written yet; "
-                          f"train it on the source files")
     if cfg.data.prepare:
         builtin.prepare(cfg.data.prepare, cfg.data.root)
     table = load_samples(cfg.data)
@@ -191,7 +188,7 @@ def _fingerprint(frame, plan, class_names, cfg, gzip) -> str:
 
     h = hashlib.sha256(json.dumps([SCHEMA_VERSION, cfg.task, class_names, cfg.data.channels, gzip,
                                    cfg.data.root]).encode())
-    cols = frame[["path", "label", "group", "fold"]].astype(str).to_numpy()
+    cols = frame[[c for c in ("path", "label", "group", "fold", "mask") if c in frame]].astype(str).to_numpy()
     for name, rows in plan:
         h.update(name.encode())
         for r in cols[rows]:
@@ -304,7 +301,10 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
 
     root = os.path.abspath(cfg.data.root)
     targets, known = task.targets(frame, class_names)
-    evals = task.eval_targets(frame, class_names)
+    masks = task.mask_paths(frame)  # segmentation: the label image of each row, else None
+    if masks is not None:  # the mask is the target; the record keeps a [K] placeholder for the schema
+        targets = np.zeros((len(frame), len(class_names)), np.float32)
+    evals = task.eval_targets(frame, class_names) if masks is None else targets
     has_eval = not np.array_equal(evals, targets)  # multi-label scores only the certain labels
 
     def job(name, rows):
@@ -312,13 +312,13 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
         ids = [os.path.relpath(p, root) if os.path.abspath(p).startswith(root + os.sep) else p
                for p in sub["path"]]
         recs = [(p, i, g, lab, targets[r].tolist(), None if known is None else known[r].tolist(),
-                 evals[r].tolist() if has_eval else None, int(f))
+                 evals[r].tolist() if has_eval else None, int(f), None if masks is None else str(masks[r]))
                 for r, p, i, g, lab, f in zip(rows, sub["path"], ids, sub["group"], sub["label"], sub["fold"],
                                                      strict=True)]
         # Each process checks images in a parallel map; together they use every core once.
         return ShardJob(str(out), name, recs, cfg.data.channels, gzip,
                         threads=max(1, _cores() // workers) if workers else None,
-                        parent_pid=os.getpid() if workers else None)
+                        parent_pid=os.getpid() if workers else None, num_classes=len(class_names))
 
     todo = [(name, rows) for name, rows in plan if name not in done]
     rejected = [r for s in done.values() for r in s["rejected"]]
@@ -351,7 +351,11 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
     for split in counts:
         sel = kept & (frame["split"] == split).to_numpy()
         k = known[sel] if known is not None else None
-        positives = [int(v) if float(v).is_integer() else v for v in task.class_counts(targets[sel], k).tolist()]
+        if masks is not None:  # segmentation: pixels per class, counted while the masks were checked
+            positives = np.sum([done[n].get("pixel_counts", [0] * len(class_names)) for n, _ in plan
+                                if n.startswith(f"{split}-")], axis=0).astype(int).tolist()
+        else:
+            positives = [int(v) if float(v).is_integer() else v for v in task.class_counts(targets[sel], k).tolist()]
         class_counts[split] = dict(zip(class_names, positives, strict=True))
         n_known = (k > 0).sum(0) if k is not None else np.full(len(class_names), sel.sum())
         known_counts[split] = dict(zip(class_names, n_known.tolist(), strict=True))
@@ -360,7 +364,7 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fingerprint": fingerprint, "task": cfg.task, "class_names": class_names,
         "num_classes": len(class_names), "has_known": known is not None, "has_eval": has_eval,
-        "has_mask": False,
+        "has_mask": masks is not None, "class_counts_unit": "pixels" if masks is not None else "samples",
         "checked_channels": cfg.data.channels, "compression": "GZIP" if gzip else None,
         "shard_mb": shard_mb, "counts": counts, "class_counts": class_counts, "known_counts": known_counts, "shards": shards,
         "rejected": list(missing) + rejected,

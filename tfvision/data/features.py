@@ -15,10 +15,12 @@ image/id            bytes         the source path relative to ``data.root``
 image/group         bytes         patient / lesion id (the path when the layout has none)
 label/text          bytes         the raw label (multi-label: the class its split stratified on)
 label/target        float [K]     the training target: one-hot (classification), multi-hot, ...
+                                  (segmentation: zeros, the mask is the target)
 label/known         float [K]     optional: 1 where the label is known (multi-label with gaps)
 label/eval          float [K]     optional: what validation scores against when it differs from
                                   the target (multi-label: -1 where unknown or uncertain)
-label/mask          bytes         optional: an integer label PNG (segmentation)
+label/mask          bytes         optional: the integer label PNG's bytes (segmentation),
+                                  checked at conversion: same size as the image, labels < K
 sample/fold         int64         K-fold index of the converted split config, -1 outside folds
 ==================  ============  ==========================================================
 

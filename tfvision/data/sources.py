@@ -140,7 +140,7 @@ def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFram
     out = pd.DataFrame(
         {
             "path": paths,
-            "label": "" if multilabel else frame[data.label_column].astype(str),
+            "label": "" if multilabel or data.mask_column else frame[data.label_column].astype(str),
             "group": frame[data.group_column].astype(str) if data.group_column else paths,
             "split": split if split is not None else _split_rows(frame, data, csv_path),
         }

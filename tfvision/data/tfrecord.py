@@ -60,7 +60,8 @@ def join(root: str, name: str) -> str:
 
 @dataclasses.dataclass
 class ShardJob:
-    """One shard to write: its rows are (path, image_id, group, label, target, known, eval, fold)."""
+    """One shard to write: its rows are (path, image_id, group, label, target, known, eval, fold,
+    mask path or None)."""
 
     directory: str
     name: str
@@ -69,6 +70,35 @@ class ShardJob:
     gzip: bool = False
     threads: int | None = None  # decode threads (default: TF's choice, all cores)
     parent_pid: int | None = None  # a worker process stops when this process dies
+    num_classes: int = 0  # segmentation: labels a mask may hold (0..K-1), counted per pixel
+
+
+def checked_mask(path: str, hw, num_classes: int) -> tuple[bytes, np.ndarray]:
+    """(the mask file's bytes, its pixels per class) for the image of size `hw`.
+
+    Raises:
+        DataError: not a PNG, unreadable, another size than its image, or a label >= K,
+            each of which would otherwise train on misaligned or out-of-range targets.
+    """
+    from tfvision.data.decode import decode_mask
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except tf.errors.OpError as e:
+        raise DataError(f"mask {path}: {describe_error(e)}") from None
+    if F.image_format(data) != "png":
+        raise DataError(f"mask {path}: not a PNG (label images must be lossless 8- or 16-bit PNG)")
+    try:
+        labels = decode_mask(tf.constant(data)).numpy()[..., 0]
+    except tf.errors.InvalidArgumentError as e:
+        raise DataError(f"mask {path}: {describe_error(e)}") from None
+    if tuple(labels.shape) != tuple(int(v) for v in hw):
+        raise DataError(f"mask {path}: {labels.shape[0]}x{labels.shape[1]}, its image is {hw[0]}x{hw[1]}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"mask {path}: label {int(labels.max())} outside 0..{num_classes - 1} "
+                        f"(data.class_names has {num_classes})")
+    return data, np.bincount(labels.ravel(), minlength=num_classes)
 
 
 def _probe(data: tf.Tensor, channels: int):
@@ -135,6 +165,7 @@ def write_shard(job: ShardJob) -> dict:
     """
     rows, rejected, records, expected = job.rows, [], 0, 0
     final = os.path.join(job.directory, job.name)
+    pixels = np.zeros(job.num_classes, np.int64)
 
     def reject(upto):
         for j in range(expected, upto):
@@ -149,14 +180,23 @@ def write_shard(job: ShardJob) -> dict:
                     raise RuntimeError("the converter process is gone")  # no rename: the shard is redone
                 reject(i)
                 expected = i + 1
-                _, image_id, group, label, target, known, eval_target, fold = rows[i]
+                path, image_id, group, label, target, known, eval_target, fold, mask_path = rows[i]
+                mask = None
+                if mask_path is not None:
+                    try:
+                        mask, counts = checked_mask(mask_path, hw, job.num_classes)
+                    except DataError as e:  # the image is fine, its label image is not: the sample goes
+                        rejected.append({"path": path, "reason": str(e)})
+                        continue
+                    pixels += counts
                 writer.write(F.encode_example(
                     image=data, height=hw[0], width=hw[1], channels=native, image_id=image_id, group=group,
-                    label=label, target=target, fold=fold, known=known, eval_target=eval_target))
+                    label=label, target=target, fold=fold, known=known, eval_target=eval_target, mask=mask))
                 records += 1
             reject(len(rows))
         size, digest = file_digest(str(tmp))
-    return {"name": job.name, "records": records, "bytes": size, "sha256": digest, "rejected": rejected}
+    return {"name": job.name, "records": records, "bytes": size, "sha256": digest, "rejected": rejected,
+            "pixel_counts": pixels.tolist()}
 
 
 def file_digest(path: str, chunk: int = 4 << 20) -> tuple[int, str]:
@@ -309,7 +349,9 @@ class RecordInputs(Inputs):
                               "train on the source files to oversample")
         self.counts = np.array([m["class_counts"]["train"][c] for c in self.class_names], np.float64)
         self.known_counts = np.array([m["known_counts"]["train"][c] for c in self.class_names], np.float64)
-        self.weights = class_weights(self.counts, cfg.train.loss.class_weights)
+        # Segmentation: counts are pixels, and its class weights live in the loss, not per sample.
+        self.pixel_counts = self.counts.astype(np.int64) if m.get("has_mask") else None
+        self.weights = class_weights(self.counts, cfg.train.loss.class_weights) if task.sample_class_weights else None
         self.tiers = class_tiers(self.counts, cfg)
         self.sizes = {s: int(m["counts"].get(s, 0)) for s in SPLITS}
         if not self.sizes["train"] or not self.sizes["val"]:

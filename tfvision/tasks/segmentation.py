@@ -61,6 +61,10 @@ class Segmentation(Task):
         mode = cfg.train.loss.class_weights
         if mode == "none":
             return None
+        if getattr(inputs, "pixel_counts", None) is not None:  # shards: counted at conversion (manifest)
+            from tfvision.seg_losses import segmentation_class_weights
+
+            return segmentation_class_weights(inputs.pixel_counts, mode)
         masks = sorted(inputs.frames["train"]["mask"])
         key = hashlib.sha256("\n".join(masks).encode()).hexdigest()[:16]
         cache = cfg.train.loss.class_weights_file or str(Path(cfg.data.root) / ".tfvision_class_weights.json")
