@@ -212,7 +212,7 @@ def onnx_engine(model) -> Engine:
 def choose_engine(model, name: str) -> tuple[Engine, str]:
     """(engine, its name) for ``--engine keras|onnx|auto``.
 
-    ``auto`` (the default) takes ONNX Runtime when TensorFlow sees no GPU: on CPU it ran 1.4x
+    ``auto`` (the default) takes ONNX Runtime when TensorFlow sees no GPU: on CPU it ran about 1.5x
     the Keras engine (benchmarks/README.md), for a conversion of a few seconds. With a GPU,
     or when the conversion fails (the reason is logged), it takes the Keras engine.
     """
