@@ -4,10 +4,11 @@
 export ships: uint8 images [N, H, W, C] at any size in; resize to the run's
 image size, normalisation (the model's own `ImageNormalization` layer),
 backbone, head, temperature and softmax/sigmoid inside; ``probabilities`` and
-``labels`` out. Dense (per-pixel) models answer at the input's own H x W
+``labels`` out. A second function takes encoded JPEG/PNG bytes and decodes
+them with the training pipeline's own `decode_resized` (magic bytes, DCT
+downscaling). Dense (per-pixel) models answer at the input's own H x W
 (`logits_at_input_size`), except through the bytes signature, whose batch of
-differently sized files shares the run's image size. A second function takes encoded JPEG/PNG bytes and decodes
-them with the training pipeline's own `decode_resized` (magic bytes, DCT downscaling).
+differently sized files shares the run's image size.
 
 The converters get a *frozen, flattened* GraphDef of that function
 (`freeze`), never the Keras model, because of three failures with
@@ -37,6 +38,10 @@ TensorFlow 2.21, Keras 3.15 and tf2onnx 1.17 (each fixed where it occurs):
 (The fourth known failure, Keras ``Normalization`` constants becoming missing
 ONNX inputs, does not occur: tfvision models normalise with
 `ImageNormalization`, whose constants are Python lists baked into the graph.)
+
+One rewrite is for speed, not correctness: tf2onnx 1.17 leaves the input
+normalisation in NHWC order, where ONNX Runtime 1.31 broadcasts slowly
+(`_per_channel_ops_after_transpose`).
 """
 
 from __future__ import annotations
