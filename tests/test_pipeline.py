@@ -268,6 +268,32 @@ def test_mix_label_mass_matches_pixels(mixup, cutmix):
         np.testing.assert_allclose(x.mean(axis=(1, 2, 3)) / 255.0, t[:, 1], atol=1e-5)
 
 
+def test_cutmix_moves_each_mask_pixel_with_its_image_pixel():
+    # Image b is a checkerboard of values 10b and 10b + 1, so every mixed pixel names its source
+    # image and square; mask b labels the same squares (b, b + 5), so the source says the label.
+    n, size = 4, 16
+    checker = (np.add.outer(np.arange(size), np.arange(size)) % 2)[None, :, :, None]
+    src = np.arange(n)[:, None, None, None]
+    image = np.broadcast_to(10.0 * src + checker, (n, size, size, 3)).astype(np.float32)
+    mask = (src + 5 * checker).astype(np.int32)
+    batch = {"image": tf.constant(image), "target": tf.zeros((n, 1)), "mask": tf.constant(mask)}
+
+    def check(out):
+        x, m = out["image"][..., :1].numpy(), out["mask"].numpy()
+        origin = (x // 10).astype(int)
+        np.testing.assert_array_equal(x % 10, checker.repeat(n, 0))  # whole pixels, never blended
+        np.testing.assert_array_equal(m, np.take_along_axis(mask, origin, 0))  # the source's label there
+        return (origin != src).mean()
+
+    pasted = [check(mix_batch({**batch, "seed": tf.constant([s, 0])}, 0.0, 1.0, p=1.0)) for s in range(8)]
+    assert 0.1 < np.mean(pasted) < 0.9  # CutMix did paste boxes
+    ds = tf.data.Dataset.from_tensors(batch).repeat(4).enumerate()
+    for out in ds.map(lambda i, b: mix_batch({**b, "seed": tf.stack([tf.cast(i, tf.int32), 1])}, 0.0, 1.0, p=1.0)):
+        check(out)
+    with pytest.raises(ValueError, match="augment.mix.mixup_alpha.*CutMix"):
+        mix_batch({**batch, "seed": tf.constant([0, 0])}, 0.2, 1.0, p=1.0)
+
+
 def test_mix_known_mask_is_anded():
     known = np.array([[1, 1], [1, 0]], np.float32)
     out = mix_batch({"image": tf.zeros((2, 8, 8, 3)), "target": tf.zeros((2, 2)), "known": tf.constant(known),

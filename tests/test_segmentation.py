@@ -112,3 +112,21 @@ def test_unet_learns_the_brain_mask_and_writes_a_nifti(mni, tmp_path):
     got = np.asarray(pred.dataobj)
     assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
     assert dice_per_class(truth, got, 2)[1] > 0.9  # brain Dice on a real volume
+
+
+def test_mixup_on_segmentation_is_refused_before_the_run_folder(tmp_path, capsys):
+    from tfvision.train import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "slices.csv").write_text("path,mask\n")
+    cfg = {"task": "segmentation", "data": {"source": "csv", "root": str(tmp_path / "data"), "csv": "slices.csv",
+                                            "mask_column": "mask", "class_names": ["background", "lesion"]},
+           "model": {"backbone": "unet", "weights": None},
+           "augment": {"mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}}}
+    p = tmp_path / "seg.json"
+    p.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    assert main(["--config", str(p), "--output-dir", str(run)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "augment.mix.mixup_alpha" in lines[0] and "CutMix" in lines[0], lines
+    assert not run.exists()

@@ -67,15 +67,17 @@ def _command(args) -> int:
 def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
     """Run (or resume) training for a validated config into `run_dir`."""
     from tfvision.data import builtin
+    from tfvision.tasks import get_task
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the task modules load Keras
+    get_task(cfg.task, cfg).check_config(cfg)  # the task's own rules, before anything is written
     if cfg.data.prepare and cfg.data.source != "tfrecord":
         builtin.prepare(cfg.data.prepare, cfg.data.root)
-    # Data decisions are all made before TensorFlow loads.
+    # Data decisions are all made before training starts (tfvision.training).
     resuming = open_run(run_dir, cfg)
     log.info("%s run folder %s", "resuming" if resuming else "new", run_dir)
     frame, rejected_missing = _read_samples(cfg, run_dir)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tfvision import training
 
     return training.fit_run(cfg, run_dir, frame, rejected_missing, resuming, check_only, verbose)

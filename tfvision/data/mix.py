@@ -5,7 +5,10 @@ coefficient is drawn per batch, and CutMix's coefficient is corrected to the
 box area actually pasted, so the target mass matches the pixels. A batch is
 mixed with probability `p`; when both are enabled each mixed batch picks one
 of them with equal chance. Known-label masks (multi-label) are combined with
-AND: a label unknown in either image is unknown in the mix.
+AND: a label unknown in either image is unknown in the mix. A segmentation
+mask takes CutMix's box with its image, so every pixel keeps the label of the
+image it came from; MixUp is refused with masks, since a pixel blended from
+two images has no single integer label.
 
 >>> out = mix_batch(batch, mixup_alpha=0.2, cutmix_alpha=1.0, p=0.5)
 """
@@ -39,9 +42,19 @@ def _cut_box(lam, height, width, seed):
 
 
 def mix_batch(batch: dict, mixup_alpha: float, cutmix_alpha: float, p: float) -> dict:
-    """Mix ``batch["image"]`` and ``batch["target"]`` (and AND ``batch["known"]``)."""
+    """Mix ``batch["image"]`` and ``batch["target"]`` (and AND ``batch["known"]``).
+
+    ``batch["mask"]`` (segmentation, [B, H, W, 1] integer labels) is pasted with
+    the same CutMix box as its image.
+
+    Raises:
+        ValueError: MixUp asked for a batch with masks.
+    """
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return batch
+    if "mask" in batch and mixup_alpha > 0:
+        raise ValueError("augment.mix.mixup_alpha: MixUp blends two images at every pixel, which no integer "
+                         "mask can label; use CutMix (augment.mix.cutmix_alpha) for segmentation")
     seed = tf.cast(batch["seed"], tf.int32) + [17, 31]
     img, tgt = batch["image"], batch["target"]
     img2, tgt2 = tf.reverse(img, [0]), tf.reverse(tgt, [0])
@@ -49,23 +62,28 @@ def mix_batch(batch: dict, mixup_alpha: float, cutmix_alpha: float, p: float) ->
     apply = u[0] < p
     use_cut = (u[1] < 0.5) if (mixup_alpha > 0 and cutmix_alpha > 0) else tf.constant(cutmix_alpha > 0)
 
+    no_box = tf.zeros(tf.shape(img)[1:3], tf.bool)  # the pixels taken from the paired image
+
     def mixup():
         lam = _beta(mixup_alpha, seed + [5, 0]) if mixup_alpha > 0 else tf.constant(1.0)
-        return tf.clip_by_value(img * lam + img2 * (1.0 - lam), 0.0, 255.0), lam  # an ulp can overshoot
+        return tf.clip_by_value(img * lam + img2 * (1.0 - lam), 0.0, 255.0), lam, no_box  # an ulp can overshoot
 
     def cutmix():
         lam = _beta(cutmix_alpha, seed + [7, 0]) if cutmix_alpha > 0 else tf.constant(1.0)
         box, lam = _cut_box(lam, tf.shape(img)[1], tf.shape(img)[2], seed + [9, 0])
-        return tf.where(box[None, :, :, None], img2, img), lam
+        return tf.where(box[None, :, :, None], img2, img), lam, box
 
     def mixed():
         return tf.cond(use_cut, cutmix, mixup)
 
     def unmixed():
-        return img, tf.constant(1.0)
+        return img, tf.constant(1.0), no_box
 
-    new_img, lam = tf.cond(apply, mixed, unmixed)
+    new_img, lam, box = tf.cond(apply, mixed, unmixed)
     out = {**batch, "image": new_img, "target": tgt * lam + tgt2 * (1.0 - lam)}
+    if "mask" in batch:
+        m = batch["mask"]
+        out["mask"] = tf.where(box[None, :, :, None], tf.reverse(m, [0]), m)
     if "known" in batch:
         k = batch["known"]
         out["known"] = tf.where(apply, k * tf.reverse(k, [0]), k)

@@ -16,6 +16,9 @@ class Task:
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg
 
+    def check_config(self, cfg: Config) -> None:
+        """Refuse (ConfigError) settings this task cannot honour, before a run folder is written."""
+
     def class_names(self, frame: pd.DataFrame, cfg: Config) -> list[str]:
         raise NotImplementedError
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tfvision.config import Config
+from tfvision.errors import ConfigError
 from tfvision.tasks import TASKS
 from tfvision.tasks.base import Task
 
@@ -29,6 +30,14 @@ class Segmentation(Task):
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg
         self.output_names = ["logits"]
+
+    def check_config(self, cfg):
+        # MixUp blends two images at every pixel, and an integer mask has no label for a blend;
+        # CutMix keeps one source per pixel, and tfvision.data.mix pastes the mask with the image.
+        if cfg.augment.mix.mixup_alpha > 0:
+            raise ConfigError("augment.mix.mixup_alpha: MixUp is not available for segmentation (a blended "
+                              "pixel has no single mask label); set it to 0 and use augment.mix.cutmix_alpha: "
+                              "CutMix pastes the mask with the image")
 
     def class_names(self, frame, cfg):
         return list(cfg.data.class_names)
