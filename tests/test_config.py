@@ -152,12 +152,16 @@ def test_print_schema_cli():
 def test_shipped_configs_validate(tmp_path, name):
     raw = json.loads((REPO / "configs" / name).read_text())
     # Point the data at an empty real folder with the files the config names.
-    raw["data"]["root"] = str(tmp_path)
-    for key in ("csv", "val_csv"):
-        if raw["data"].get(key):
-            (tmp_path / raw["data"][key]).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / raw["data"][key]).write_text("x\n")
-    for d in raw["data"].get("image_dirs", []):
-        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    # A config that prepares its data gets a folder that does not exist yet, as the demo's does.
+    root = tmp_path / "data"
+    raw["data"]["root"] = str(root)
+    if not raw["data"].get("prepare"):
+        root.mkdir()
+        for key in ("csv", "val_csv"):
+            if raw["data"].get(key):
+                (root / raw["data"][key]).parent.mkdir(parents=True, exist_ok=True)
+                (root / raw["data"][key]).write_text("x\n")
+        for d in raw["data"].get("image_dirs", []):
+            (root / d).mkdir(parents=True, exist_ok=True)
     cfg = load_config(write(tmp_path, raw, name))
     assert cfg.model.backbone

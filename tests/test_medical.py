@@ -341,12 +341,14 @@ def test_dicom_to_nifti_cli_end_to_end(tmp_path):
     assert len(report["converted"]) == 2 and len(report["failed"]) == 1 and len(report["unreadable"]) == 1
 
 
-def test_dicom_to_nifti_exits_1_when_nothing_converts(tmp_path):
+def test_dicom_to_nifti_exits_2_when_nothing_converts(tmp_path):
+    # Nothing convertible is a data problem the user can fix: exit 2, one line on stderr.
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "junk.dcm").write_bytes(os.urandom(500))
     proc = run_cli(tmp_path / "in", tmp_path / "out", "--workers", "1", "--no-progress")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "converted 0 series" in proc.stdout and "junk.dcm" in proc.stdout
+    assert proc.stderr.strip().count("\n") == 0 and "no series could be converted" in proc.stderr
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import types
@@ -88,7 +89,12 @@ class OversampleConfig:
 class DataConfig:
     source: Literal["ham10000", "csv", "folders", "tfrecord", "chexpert", "volumes"] = opt(
         help="where samples come from")
-    root: str = opt(help="dataset folder; image paths in CSVs resolve against it", exists="dir")
+    root: str | None = opt(None, help="dataset folder; image paths in CSVs resolve against it. Read only: "
+                           "tfvision never writes here (see cache_dir). May be left out with prepare "
+                           "(the dataset is then built in the cache)", exists="dir")
+    cache_dir: str | None = opt(None, help="derived data: volume slices, pixel class weights, datasets built by "
+                                "prepare without a root. Default: a folder per dataset under $TFVISION_CACHE, "
+                                "$XDG_CACHE_HOME/tfvision or ~/.cache/tfvision; never root unless set so")
     csv: str | None = opt(None, help="CSV file, relative to root", exists="file")
     val_csv: str | None = opt(None, help="second CSV whose rows are the validation set", exists="file")
     split_column: str | None = opt(None, help="column with train/val/test per row")
@@ -127,6 +133,18 @@ class DataConfig:
         None, help="build a bundled dataset into root first (demo)"
     )
     split: SplitConfig = opt(factory=SplitConfig)
+
+    @property
+    def derived_dir(self) -> Path:
+        """The folder derived data goes to: `cache_dir`, else one per dataset in the user cache
+        (named by a hash of source, root and CSV, so two datasets never share a cache)."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        from tfvision.fileio import user_cache_dir
+
+        ident = {"source": self.source, "root": str(Path(self.root).resolve()), "csv": self.csv}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        return user_cache_dir() / f"{Path(self.root).name or 'data'}-{digest}"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -445,9 +463,27 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _resolve_root(data: DataConfig) -> None:
+    """A bundled dataset with no root is built in the user cache, never in the working folder."""
+    if data.root is None:
+        if data.prepare is None:
+            raise ConfigError("data.root: required key is missing")
+        from tfvision.fileio import user_cache_dir
+
+        data.root = str(user_cache_dir() / "datasets" / data.prepare)
+
+
 def _check_paths(cfg: Config) -> None:
     data = cfg.data
+    _resolve_root(data)
     root = Path(data.root)
+    if data.prepare is not None and data.source != "tfrecord":
+        from tfvision.data import builtin
+        from tfvision.fileio import ours_or_absent
+
+        # Checked here, before TensorFlow loads: the user's own folder is never replaced.
+        if not ours_or_absent(root, builtin.MARKER):
+            raise ConfigError(builtin.refusal(data.prepare, root))
     if data.prepare is None and data.source != "tfrecord" and not root.is_dir():
         raise ConfigError(f"data.root: folder {str(root)!r} does not exist")
     # Shards may be in cloud storage (gs:// for TPUs); only a local folder is checked here.

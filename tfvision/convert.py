@@ -41,7 +41,7 @@ from tfvision.cli import run_command
 from tfvision.config import Config, load_config
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
-from tfvision.fileio import read_json, write_json
+from tfvision.fileio import check_output_outside, read_json, write_json
 
 log = logging.getLogger("tfvision.convert")
 
@@ -213,6 +213,10 @@ def _open_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output: {out} exists and is not a folder")
+    if out.is_dir() and not ((out / MANIFEST).is_file() or (out / STATE).is_file()
+                             or all(_owned(p.name) for p in out.iterdir())):
+        raise ConfigError(f"--output: {out} holds files that are not a conversion's (no {MANIFEST}); "
+                          f"shards go to a new or empty folder, or one an earlier conversion wrote")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for p in out.iterdir():
@@ -283,6 +287,7 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
                           "afterwards (gsutil -m cp -r DIR gs://...)")
     t0 = time.perf_counter()
     out = Path(output)
+    check_output_outside(out, [cfg.data.root], "--output")
     frame, missing, class_names, task = read_table(cfg)
     total = len(frame) + len(missing)
     allowed = cfg.data.max_bad_fraction * total

@@ -11,7 +11,10 @@ Every artifact serves the same graph (see `tfvision.serving`): uint8 images
       model.onnx              metadata_props: class_names, activation, temperature, ...
       model.tflite
       model_float16.onnx  model_float16.tflite  model_dynamic.tflite   (--float16, --quantize)
-      class_names.txt  export.json  export_report.json
+      class_names.txt  export.json  export_report.json   (the report is written last)
+
+An existing OUTPUT is replaced only when it is an earlier export (it holds
+export_report.json); any other folder is refused (exit 2), never deleted.
 
 ``--verify`` runs each artifact with its own runtime (``tf.saved_model.load``,
 ONNX Runtime, ``tf.lite.Interpreter``) on real images (the run's validation
@@ -51,8 +54,17 @@ import numpy as np
 
 from tfvision import __version__
 from tfvision.errors import DataError, UserError
-from tfvision.fileio import read_json, write_json, write_text
+from tfvision.fileio import (
+    check_output_outside,
+    claim_dir,
+    read_json,
+    replace_dir,
+    temp_dir_beside,
+    write_json,
+    write_text,
+)
 
+REPORT = "export_report.json"  # written last: marks a folder as a finished export of ours
 log = logging.getLogger("tfvision.export")
 
 FORMATS = ("savedmodel", "onnx", "tflite")
@@ -340,10 +352,12 @@ def run(args) -> int:
     if (args.float16 or args.quantize) and formats == ["savedmodel"]:
         raise UserError("--float16 and --quantize apply to onnx and tflite exports")
     read_run(run_dir)  # fail fast, before TensorFlow loads
+    for folder in (output, output.with_name(output.name + ".failed")):
+        claim_dir(folder, REPORT, _refusal(folder))
+    if args.images:
+        check_output_outside(output, [args.images], "--output")
     paths = verification_images(run_dir, args.images, args.n_images) if args.verify else []
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir_beside(output)
     try:
         entries, model, info = export(run_dir, formats, tmp, float16=args.float16, quantize=args.quantize,
                                       opset=args.opset)
@@ -351,29 +365,25 @@ def run(args) -> int:
         final = output if ok else output.with_name(output.name + ".failed")
         for e in entries:
             e["path"] = str(final / e["path"])
-        write_json(tmp / "export_report.json", {
+        write_json(tmp / REPORT, {
             "run": str(run_dir.resolve()), "tfvision_version": __version__, "verified": bool(args.verify),
             "images": paths, "thresholds": THRESHOLDS, "passed": ok, "exports": entries})
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final, REPORT, _refusal(final))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not ok:
         bad = [f"{e['format']}/{e['precision']}" + (f"/{e['signature']}" if "signature" in e else "")
                for e in entries if not e["passed"]]
-        print(f"error: verification failed for {', '.join(bad)}; see {final / 'export_report.json'}",
+        print(f"error: verification failed for {', '.join(bad)}; see {final / REPORT}",
               file=sys.stderr)
         return 1
     log.info("export written to %s", final)
     return 0
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing it; `dst` is never left half-written."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def _refusal(folder: Path) -> str:
+    return (f"--output: {folder} exists and is not an export (no {REPORT}); tfvision replaces only its own "
+            f"exports, so give a new folder")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ document's feature-extraction step):
     OUT/labels.npy     (N,) class indices, or (N, K) multi-hot, when labels exist
     OUT/ids.csv        row, id, path, label
     OUT/metadata.json  backbone, weights, image size, feature dim, counts, class weights
+                       (written last; an existing OUT is replaced only if it holds one)
                        (scikit-learn "balanced"), feature stats, speed, timestamp, rejected images
     OUT/tsne.png       with --tsne
 
@@ -47,8 +48,16 @@ import numpy as np
 
 from tfvision import __version__
 from tfvision.errors import DataError, UserError
-from tfvision.fileio import atomic_path, write_json
+from tfvision.fileio import (
+    atomic_path,
+    check_output_outside,
+    claim_dir,
+    replace_dir,
+    temp_dir_beside,
+    write_json,
+)
 
+MARKER = "metadata.json"
 log = logging.getLogger("tfvision.extract")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -535,19 +544,17 @@ def run(args) -> int:
         raise DataError(f"--input: {args.input} does not exist")
     if args.weights not in (None, "imagenet") and not Path(args.weights).is_file():
         raise UserError(f"--weights: {args.weights!r} is neither imagenet, null, nor an existing file")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    refusal = (f"--output: {out} exists and is not an earlier extraction (no {MARKER}); tfvision replaces "
+               f"only its own output, so give a new folder")
+    claim_dir(out, MARKER, refusal)
+    check_output_outside(out, [args.input], "--output")
+    tmp = temp_dir_beside(out)
     try:
         meta = extract(argparse.Namespace(**{**vars(args), "output": str(tmp)}))
-        write_json(tmp / "metadata.json", meta)
         if args.tsne:
             tsne_plot(tmp, meta, args.seed)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        write_json(tmp / MARKER, meta)  # last: the folder is complete and ours
+        replace_dir(tmp, out, MARKER, refusal)
     except UserError as e:  # backbone errors speak config keys; here they are flags
         raise UserError(str(e).replace("model.weights", "--weights").replace("model.backbone", "--backbone")) from None
     except NonFiniteFeatures as e:

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfvision.errors import UserError
-from tfvision.fileio import atomic_path
+from tfvision.fileio import owned_output
 
 
 def _node(layer):
@@ -134,6 +134,6 @@ def save_overlay(path, image: np.ndarray, heat: np.ndarray, alpha: float = 0.45)
     """Write the overlay PNG atomically; returns the path."""
     from PIL import Image
 
-    with atomic_path(path, suffix=".png") as tmp:
+    with owned_output(path, "--gradcam", suffix=".png") as tmp:
         Image.fromarray(overlay(image, heat, alpha)).save(tmp, format="PNG")
     return str(path)

@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--image", help="one image: print its top classes")
     src.add_argument("--input-dir", help="a folder of images (searched recursively): write a CSV")
     src.add_argument("--volume", help="segmentation: a NIfTI volume or DICOM series folder; --output is "
-                     "the NIfTI label volume to write (default <volume>_mask.nii.gz)")
-    p.add_argument("--output", help="CSV to write (default predictions.csv for --input-dir)")
+                     "the NIfTI label volume to write (default ./<volume name>_mask.nii.gz)")
+    p.add_argument("--output", help="CSV to write (default predictions.csv for --input-dir); an existing file "
+                   "is replaced only if predict wrote it, and never inside the input folder")
     p.add_argument("--tta", default="1", help="N views (1 = none) or comma-separated view names")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR", help="more runs to average with")
     p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
@@ -77,6 +78,7 @@ def list_images(folder) -> list[str]:
 def predict(args) -> int:
     from tfvision import inference
 
+    _check_outputs(args)  # before the model loads: a refusal should cost nothing
     ens = inference.Ensemble([inference.load_run(args.run)] + [inference.load_run(d) for d in args.ensemble],
                              inference.tta_views(args.tta))
     run = ens.main
@@ -104,12 +106,13 @@ def predict(args) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
     if args.image:
         _print_top(paths[0], probs[0], preds[0], run.class_names, args.top, ok[0])
-    output = args.output or (None if args.image else "predictions.csv")
+    output = _csv_output(args)
     if output:
         frame = table(paths, preds, probs, errors, run.class_names, args.format, args.id_column, args.label_column)
-        from tfvision.fileio import write_text
+        from tfvision.fileio import owned_output
 
-        write_text(output, frame.to_csv(index=False))
+        with owned_output(output, "--output") as tmp:
+            tmp.write_text(frame.to_csv(index=False))
         log.info("wrote %d predictions to %s (%d unreadable)", int(ok.sum()), output, int((~ok).sum()))
     if args.gradcam and ok.any():
         n = write_gradcams(run, [p for p, good in zip(paths, ok, strict=True) if good], args.gradcam,
@@ -131,10 +134,32 @@ def predict_volume(run, args) -> int:
     src = Path(args.volume)
     if not src.exists():
         raise UserError(f"--volume: {src} does not exist")
-    out = Path(args.output) if args.output else src.with_name(src.name.split(".")[0] + "_mask.nii.gz")
+    out = _volume_output(args)
     segment(run.model, run.info, src, out, batch_size=args.batch_size)
     print(f"wrote {out}")
     return 0
+
+
+def _csv_output(args) -> str | None:
+    return args.output or (None if args.image else "predictions.csv")
+
+
+def _volume_output(args) -> Path:
+    # In the working folder by default, not beside the volume: the input folder is the user's.
+    return Path(args.output or Path(args.volume).name.split(".")[0] + "_mask.nii.gz")
+
+
+def _check_outputs(args) -> None:
+    """Refuse outputs that would replace a user's file or land in the input folder."""
+    from tfvision.fileio import check_output_outside, check_replaceable
+
+    inputs = [args.input_dir, args.volume if args.volume and Path(args.volume).is_dir() else None]
+    output = _volume_output(args) if args.volume else _csv_output(args)
+    if output:
+        check_output_outside(output, inputs, "--output")
+        check_replaceable(output, "--output")
+    if args.gradcam:
+        check_output_outside(args.gradcam, inputs, "--gradcam")
 
 
 def _label(decided, class_names) -> str:

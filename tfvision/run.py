@@ -10,7 +10,8 @@
     progress.json       phases finished so far
     tensorboard/
 
-A run folder that already holds a config resumes instead of starting over.
+A run folder that already holds a config resumes instead of starting over; any other
+folder that holds files is refused, so a run never mixes its files with the user's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 
 from tfvision.config import Config, config_from_dict
 from tfvision.errors import ConfigError
-from tfvision.fileio import read_json, write_json
+from tfvision.fileio import ours_or_absent, read_json, write_json
 
 
 def new_run_dir(cfg: Config, output_dir: str | None) -> Path:
@@ -55,6 +56,9 @@ def open_run(run_dir: Path, cfg: Config) -> bool:
                 f"(differs at {', '.join(changed[:5])}); use another --output-dir, or --resume {run_dir}"
             )
         return True
+    if not ours_or_absent(run_dir, "config.json"):
+        raise ConfigError(f"--output-dir: {run_dir} holds files but is not a run folder (no config.json); "
+                          f"give a new or empty folder, or a run folder to resume")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(saved, current)
     return False

@@ -67,10 +67,12 @@ def _command(args) -> int:
 def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
     """Run (or resume) training for a validated config into `run_dir`."""
     from tfvision.data import builtin
+    from tfvision.fileio import check_output_outside
     from tfvision.tasks import get_task
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the task modules load Keras
     get_task(cfg.task, cfg).check_config(cfg)  # the task's own rules, before anything is written
+    check_output_outside(run_dir, [cfg.data.root], "--output-dir")
     if cfg.data.prepare and cfg.data.source != "tfrecord":
         builtin.prepare(cfg.data.prepare, cfg.data.root)
     # Data decisions are all made before training starts (tfvision.training).

@@ -40,10 +40,24 @@ def sklearn_digits(root: Path, size: int = 32) -> None:
     (root / "digits.csv").write_text("\n".join(lines) + "\n")
 
 
+MARKER = ".complete"
+
+
 def prepare(name: str, root: str | os.PathLike) -> Path:
-    """Build dataset `name` into `root` unless it is already there."""
+    """Build dataset `name` into `root` unless it is already there.
+
+    Raises:
+        UserError: `root` exists and is not a dataset prepared here (it holds files but no
+            marker): it is the user's data, so it is neither replaced nor written into.
+    """
     def build(tmp: Path):
         PREPARERS[name](tmp)
-        (tmp / ".complete").write_text(name + "\n")
+        (tmp / MARKER).write_text(name + "\n")
 
-    return build_dir(root, build, ".complete")
+    return build_dir(root, build, MARKER, refusal(name, root))
+
+
+def refusal(name: str, root) -> str:
+    """The one line that says why `data.prepare` will not touch `root`, and what to change."""
+    return (f"data.root: {root} already exists and is not the {name} dataset tfvision prepared (no {MARKER}); "
+            f"drop data.prepare to train on the files there, or point data.root at a new folder")

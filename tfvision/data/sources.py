@@ -265,7 +265,7 @@ def chexpert_source(data: DataConfig) -> SampleTable:
 def volumes_source(data: DataConfig) -> SampleTable:
     """Image volumes (NIfTI or DICOM series folders) + label volumes, listed in a CSV
     (``path_column``, ``mask_column``, ``group_column`` = patient), cut into 2D slices once
-    and cached under ``root/.tfvision_slices/``. A volume that fails is reported and skipped."""
+    and cached under ``data.derived_dir/slices/``. A volume that fails is reported and skipped."""
     from tfvision.medical.slices import slice_cache, volume_to_slices
 
     root = Path(data.root)
@@ -288,7 +288,7 @@ def volumes_source(data: DataConfig) -> SampleTable:
         pd.DataFrame(rows, columns=["path", "mask", "group", "slice", "label"]).to_csv(out / "slices.csv", index=False)
         (out / "failed.json").write_text(json.dumps(failed))
 
-    cache = slice_cache(root, key, build)
+    cache = slice_cache(data.derived_dir, key, build)
     slices = pd.read_csv(cache / "slices.csv", dtype=str, keep_default_na=False)
     failed = json.loads((cache / "failed.json").read_text())
     if slices.empty:

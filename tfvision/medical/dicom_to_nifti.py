@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -23,17 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from tfvision.errors import UserError
+from tfvision.fileio import claim_dir, safe_name
 from tfvision.medical.dicom import require
 from tfvision.medical.series import DicomScan, find_dicom_files, load_series, scan_dicom
 
 _SCAN_CHUNK = 256  # files per header-scan task: big enough to amortise process hops
+REPORT = "conversion_report.json"  # written last; marks a folder a conversion made
 _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", "patient_id", "modality",
          "series_number", "spacing", "shape", "axes", "image_orientation_patient", "image_position_patient",
          "rescale", "slice_positions", "warnings", "files")
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unknown"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -81,7 +79,7 @@ def convert_series(files: list[str], out_dir: str | Path) -> dict[str, Any]:
     try:
         volume, meta = load_series(files)
         uid = meta["series_instance_uid"]
-        target = Path(out_dir) / _safe(meta["patient_id"]) / f"{_safe(uid)}.nii.gz"
+        target = Path(out_dir) / safe_name(meta["patient_id"]) / f"{safe_name(uid)}.nii.gz"
         # CT HU are integers: int16 halves the disk space (a lesson of 160 GB datasets).
         if np.array_equal(volume, np.round(volume)) and -32768 <= volume.min() and volume.max() <= 32767:
             volume = volume.astype(np.int16)
@@ -146,6 +144,9 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         ``{"converted": [...], "failed": [...], "unreadable": [(path, reason)],
         "non_image": count}``; also written to ``out_dir/conversion_report.json``.
     """
+    # The report is written first as "running": it marks out_dir as a conversion's own, so a
+    # killed run can be rerun into the same folder; the final report replaces it.
+    atomic_write(Path(out_dir) / REPORT, lambda p: p.write_text(json.dumps({"status": "running"}) + "\n"))
     files = [str(p) for p in find_dicom_files(in_dir)]
     chunks = [(files[i : i + _SCAN_CHUNK],) for i in range(0, len(files), _SCAN_CHUNK)]
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -167,27 +168,42 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         if pool is not None:
             pool.shutdown()
     report = {
+        "status": "finished",
         "converted": [r for r in results if r["status"] == "ok"],
         "failed": [r for r in results if r["status"] != "ok"],
         "unreadable": scan.failed,
         "non_image": len(scan.non_image),
     }
     text = json.dumps(report, indent=1, default=_jsonable)
-    atomic_write(Path(out_dir) / "conversion_report.json", lambda p: p.write_text(text))
+    atomic_write(Path(out_dir) / REPORT, lambda p: p.write_text(text))
     return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tfvision.medical.dicom_to_nifti", description=__doc__.split("\n")[0])
+    parser.add_argument("in_dir", type=Path, help="DICOM root, searched recursively (only read)")
+    parser.add_argument("out_dir", type=Path, help="where the .nii.gz and .json files go: a new or empty folder, "
+                        "or one an earlier conversion wrote (it holds conversion_report.json)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m tfvision.medical.dicom_to_nifti", description=__doc__.split("\n")[0])
-    parser.add_argument("in_dir", type=Path, help="DICOM root, searched recursively")
-    parser.add_argument("out_dir", type=Path, help="where the .nii.gz and .json files go")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    from tfvision.cli import run_command
+
+    return run_command(run, parse_args, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tfvision.fileio import check_output_outside
+
     if not args.in_dir.is_dir():
-        print(f"error: {args.in_dir} is not a directory", file=sys.stderr)
-        return 1
+        raise UserError(f"{args.in_dir} is not a directory")
+    check_output_outside(args.out_dir, [args.in_dir], "out_dir")
+    claim_dir(args.out_dir, REPORT, f"out_dir: {args.out_dir} holds files that no conversion wrote (no {REPORT}); "
+              f"give a new or empty folder")
     report = convert(args.in_dir, args.out_dir, workers=max(1, args.workers), progress=not args.no_progress)
     ok, failed, bad = report["converted"], report["failed"], report["unreadable"]
     print(f"converted {len(ok)} series, {len(failed)} failed, {len(bad)} unreadable file(s), "
@@ -199,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED series {r['series_instance_uid']}: {r['error']}")
     for path, reason in bad:
         print(f"UNREADABLE {path}: {reason.removeprefix(f'{path}: ')}")
-    return 0 if ok else 1
+    if not ok:
+        raise UserError(f"in_dir: no series could be converted from {args.in_dir} ({len(failed)} failed, "
+                        f"{len(bad)} unreadable file(s)); see {args.out_dir / REPORT}")
+    return 0
 
 
 if __name__ == "__main__":

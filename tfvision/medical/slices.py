@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tfvision.errors import DataError
-from tfvision.fileio import build_dir
+from tfvision.fileio import build_dir, safe_name
 from tfvision.medical import windowing
 from tfvision.medical.png import write_png
 
@@ -99,13 +99,14 @@ def volume_to_slices(image_path, mask_path, out_dir, patient: str, windows: list
     keep = np.sort(np.concatenate([fg, bg]))
     mask_dtype = np.uint8 if labels.max() < 256 else np.uint16
     stem = Path(str(image_path)).name.split(".")[0]
+    folder = safe_name(patient)  # the CSV's patient id may be "../x" or "/abs"
     rows = []
     for z in keep:
         im = _resize(img[z], size, order=1)
         mk = _resize(lab[z], size, order=0)
         if not set(np.unique(mk)) <= set(np.unique(lab[z])):  # nearest neighbour invents no label
             raise AssertionError("mask resize produced a label that was not in the slice")
-        iname, mname = f"{patient}/{stem}_s{z:04d}.png", f"{patient}/{stem}_s{z:04d}_mask.png"
+        iname, mname = f"{folder}/{stem}_s{z:04d}.png", f"{folder}/{stem}_s{z:04d}_mask.png"
         write_png(Path(out_dir) / iname, np.round(np.clip(im, 0, 1) * 65535).astype(np.uint16))
         write_png(Path(out_dir) / mname, mk.astype(mask_dtype))
         rows.append({"path": iname, "mask": mname, "group": patient, "slice": int(z),
@@ -113,12 +114,19 @@ def volume_to_slices(image_path, mask_path, out_dir, patient: str, windows: list
     return rows
 
 
-def slice_cache(root: Path, key: dict, build) -> Path:
-    """Build slices once into ``root/.tfvision_slices/<hash of key>`` (atomically) and reuse them."""
+def slice_cache(cache_root: Path, key: dict, build) -> Path:
+    """Build slices once into ``cache_root/slices/<hash of key>`` (atomically) and reuse them.
+
+    `cache_root` is the dataset's derived-data folder (`DataConfig.derived_dir`), never the
+    dataset itself, which may be read-only.
+    """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def build_all(tmp: Path):
         build(tmp)
         (tmp / "key.json").write_text(json.dumps(key, indent=2, default=str))  # written last: the marker
 
-    return build_dir(Path(root) / ".tfvision_slices" / digest, build_all, "key.json")
+    final = Path(cache_root) / "slices" / digest
+    return build_dir(final, build_all, "key.json",
+                     f"data.cache_dir: {final} exists and is not a slice cache tfvision built (no key.json); "
+                     f"point data.cache_dir elsewhere")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfvision.fileio import atomic_path
+from tfvision.fileio import owned_output
 from tfvision.medical.slices import window_volume
 
 
@@ -53,6 +53,6 @@ def predict_volume(model, info: dict, volume_path, output_path, batch_size: int 
     out.header.set_xyzt_units("mm")
     output_path = Path(output_path)
     suffix = "".join(output_path.suffixes[-2:]) if output_path.name.endswith(".nii.gz") else output_path.suffix
-    with atomic_path(output_path, suffix=suffix) as tmp:
+    with owned_output(output_path, "--output", suffix=suffix) as tmp:
         nib.save(out, str(tmp))
     return output_path

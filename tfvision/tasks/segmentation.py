@@ -10,7 +10,6 @@ notes learned the hard way. Validation scores are accumulated batch by batch
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,7 +75,7 @@ class Segmentation(Task):
             return segmentation_class_weights(inputs.pixel_counts, mode)
         masks = sorted(inputs.frames["train"]["mask"])
         key = hashlib.sha256("\n".join(masks).encode()).hexdigest()[:16]
-        cache = cfg.train.loss.class_weights_file or str(Path(cfg.data.root) / ".tfvision_class_weights.json")
+        cache = cfg.train.loss.class_weights_file or str(cfg.data.derived_dir / "class_weights.json")
 
         def count():
             from PIL import Image
