@@ -212,3 +212,51 @@ def test_split_lists_keep_multilabel_columns_for_resume(tmp_path):
     write_splits(tmp_path, frame)
     back = read_splits(tmp_path)
     assert back.sort_values("path").reset_index(drop=True)[frame.columns.tolist()].equals(frame)
+
+
+def test_class_weights_weigh_labels_and_never_drop_a_sample(small_digits, tmp_path):
+    from tfvision.config import load_config
+    from tfvision.data.inputs import FileInputs
+    from tfvision.tasks import get_task
+
+    frame = _digits_multilabel(small_digits)
+    frame["even"] = np.where(frame["label"] == 0, "1", "0")  # rare: 1 in 10
+    frame.loc[::7, "gt4"] = "-1"  # unknown entries stay out of the loss
+    frame.to_csv(small_digits / "multi.csv", index=False)
+    cfg_file = tmp_path / "ml.json"
+    cfg_file.write_text(json.dumps({
+        "task": "multilabel", "data": {"source": "csv", "root": str(small_digits), "csv": "multi.csv",
+                                       "label_columns": ["even", "gt4"], "image_size": 16},
+        "model": {"backbone": "small_cnn", "weights": None},
+        "train": {"loss": {"name": "crossentropy", "class_weights": "inverse"}}}))
+    cfg = load_config(cfg_file)
+    frame = load_samples(cfg.data).frame
+    frame["split"] = np.where(np.arange(len(frame)) < 240, "train", "val")
+    task = get_task("multilabel", cfg)
+    inputs = FileInputs(cfg, task, frame)
+    loss = task.loss(cfg, inputs)
+    spec = PipelineSpec(image_size=(16, 16), channels=3, batch_size=64, tiers=[], augment=False)
+    from tfvision.config import AugmentParams
+
+    spec.tiers = [AugmentParams()]
+    # What fit minimises per sample: the loss at the (here constant) logits times the sample weight.
+    per_sample, y_all = [], []
+    for batch in inputs.dataset("train", spec, training=False, format_batch=task.format_batch):
+        y = batch[1].numpy()
+        w = batch[2].numpy() if len(batch) > 2 else np.ones(len(y))
+        per_sample.append(np.asarray(loss.call(y, np.zeros((len(y), 2), np.float32))) * w)
+        y_all.append(y)
+    per_sample, y = np.concatenate(per_sample), np.concatenate(y_all)
+    target, known = y[:, :2], y[:, 2:]
+    no_positive = ((target >= 0.5) & (known > 0)).sum(1) == 0
+    assert no_positive.sum() > 50 and (per_sample[no_positive] > 0).all()
+
+    # Oracle (numpy): inverse weights of the training positives, scaled to mean 1 over labels,
+    # on each known label's BCE (log 2 at logit 0), averaged over the sample's known labels.
+    positives = ((target >= 0.5) & (known > 0)).sum(0)
+    w = positives.sum() / (2 * positives)
+    w = w / w.mean()
+    expected = (known * w * np.log(2.0)).sum(1) / np.maximum(known.sum(1), 1)
+    np.testing.assert_allclose(per_sample, expected, rtol=1e-5)
+    assert w[0] > 3 * w[1]  # the rare finding counts for more
+    assert MaskedBinaryLoss.from_config(loss.get_config()).class_weights == pytest.approx(w.tolist())

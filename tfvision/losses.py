@@ -1,9 +1,11 @@
 """Losses and class weighting. Keras 3 supplies the losses; this module picks and
 configures them, and turns class counts into weights.
 
-Class weights become per-sample weights in the input pipeline rather than
-`fit(class_weight=...)`: that works with soft (MixUp/CutMix, label-smoothed)
-targets and under a distribution strategy alike.
+Single-label class weights become per-sample weights in the input pipeline
+rather than `fit(class_weight=...)`: that works with soft (MixUp/CutMix,
+label-smoothed) targets and under a distribution strategy alike. Multi-label
+class weights weigh each label inside `MaskedBinaryLoss` instead (see
+`label_weights`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,26 @@ def split_packed(y_true, num_classes: int):
     return y_true[..., :num_classes], y_true[..., num_classes:]
 
 
+def label_weights(positives: np.ndarray, mode: str) -> np.ndarray | None:
+    """Multi-label class weights: one weight per finding, applied per label in the loss.
+
+    A sample weight cannot carry them: a sample has no single class, and summing the
+    weights of its positive classes gave every sample without a positive (a "No
+    Finding" row) weight 0, so those rows never trained. Here each finding is its
+    own binary problem, and its weight scales that problem's term (positives and
+    negatives alike, as ``weight`` does in PyTorch's ``BCEWithLogitsLoss``): rare
+    findings count for more in the shared features, no sample is ever dropped, and
+    each finding's positive/negative balance stays the job of ``alpha``.
+    The `class_weights` of the positive counts are scaled to mean 1 over findings,
+    so the loss keeps its unweighted size (``inverse`` and ``normalized`` then agree).
+
+    >>> label_weights(np.array([90, 10]), "inverse").astype(float).round(3).tolist()
+    [0.2, 1.8]
+    """
+    w = class_weights(positives, mode)
+    return None if w is None else (w / w.mean()).astype(np.float32)
+
+
 @keras.saving.register_keras_serializable(package="tfvision")
 class MaskedBinaryLoss(keras.losses.Loss):
     """Sigmoid cross-entropy or binary focal loss over known labels only.
@@ -63,7 +85,8 @@ class MaskedBinaryLoss(keras.losses.Loss):
     ``y_true`` is ``concat([target, known])``. Unknown entries (known == 0)
     contribute exactly zero loss and zero gradient; a sample's loss is the
     mean over its known entries. With ``alpha`` (per class), positives are
-    weighted by it, as the CheXpert seed does with neg/pos.
+    weighted by it, as the CheXpert seed does with neg/pos; with
+    ``class_weights`` (per class, see `label_weights`), each label's term is.
 
     >>> loss = MaskedBinaryLoss(num_classes=2, gamma=2.0)
     >>> float(loss(np.array([[1., 0., 1., 0.]]), np.array([[3., -50.]])))  # 2nd label unknown
@@ -74,14 +97,17 @@ class MaskedBinaryLoss(keras.losses.Loss):
         gamma: focal exponent; 0 gives plain binary cross-entropy.
         alpha: None, or K positive-class weights.
         label_smoothing: targets move towards 0.5 by this amount.
+        class_weights: None, or K weights of each class's whole term.
     """
 
-    def __init__(self, num_classes, gamma=0.0, alpha=None, label_smoothing=0.0, name="masked_binary", **kwargs):
+    def __init__(self, num_classes, gamma=0.0, alpha=None, label_smoothing=0.0, class_weights=None,
+                 name="masked_binary", **kwargs):
         super().__init__(name=name, **kwargs)
         self.num_classes = int(num_classes)
         self.gamma = float(gamma)
         self.alpha = None if alpha is None else [float(a) for a in alpha]
         self.label_smoothing = float(label_smoothing)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
 
     def call(self, y_true, y_pred):
         ops = keras.ops
@@ -99,20 +125,25 @@ class MaskedBinaryLoss(keras.losses.Loss):
         if self.alpha is not None:
             a = ops.convert_to_tensor(self.alpha, "float32")
             bce = bce * (target * a + (1.0 - target))
+        if self.class_weights is not None:
+            bce = bce * ops.convert_to_tensor(self.class_weights, "float32")
         bce = ops.where(known > 0, bce, 0.0)
         return ops.sum(bce, axis=-1) / ops.maximum(ops.sum(known, axis=-1), 1.0)
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "gamma": self.gamma,
-                "alpha": self.alpha, "label_smoothing": self.label_smoothing}
+                "alpha": self.alpha, "label_smoothing": self.label_smoothing, "class_weights": self.class_weights}
 
 
 def multilabel_loss(cfg: LossConfig, num_classes: int, positives=None, negatives=None) -> MaskedBinaryLoss:
-    """Masked BCE (``crossentropy``) or masked focal loss, with alpha neg/pos or fixed."""
+    """Masked BCE (``crossentropy``) or masked focal loss, with alpha neg/pos or fixed, and the
+    `label_weights` of the training positives when `cfg.class_weights` asks for them."""
     alpha = None
     if cfg.alpha == "neg_pos":
         alpha = (np.asarray(negatives, np.float64) / np.maximum(np.asarray(positives, np.float64), 1.0)).tolist()
     elif isinstance(cfg.alpha, float):
         alpha = [cfg.alpha] * num_classes
     gamma = cfg.focal_gamma if cfg.name == "focal" else 0.0
-    return MaskedBinaryLoss(num_classes, gamma=gamma, alpha=alpha, label_smoothing=cfg.label_smoothing)
+    weights = label_weights(positives, cfg.class_weights) if positives is not None else None
+    return MaskedBinaryLoss(num_classes, gamma=gamma, alpha=alpha, label_smoothing=cfg.label_smoothing,
+                            class_weights=None if weights is None else weights.tolist())

@@ -52,6 +52,7 @@ def encode(raw: pd.DataFrame, class_names: list[str], uncertain: LabelPolicy, bl
 class MultiLabel(Task):
     name = "multilabel"
     activation = "sigmoid"
+    sample_class_weights = False  # weights live in the loss, per label (losses.label_weights)
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg
@@ -97,10 +98,7 @@ class MultiLabel(Task):
 
     @staticmethod
     def format_batch(batch):
-        y = keras.ops.concatenate([batch["target"], batch["known"]], axis=-1)
-        if "weight" in batch:
-            return batch["image"], y, batch["weight"]
-        return batch["image"], y
+        return batch["image"], keras.ops.concatenate([batch["target"], batch["known"]], axis=-1)
 
     def summarize(self, targets, logits, class_names):
         m = M.multilabel_metrics(targets, M.sigmoid(logits), class_names)
