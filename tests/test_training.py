@@ -92,6 +92,23 @@ def test_bad_files_are_reported_and_too_many_stop_the_run(small_digits, tmp_path
     assert r.returncode == 2 and "data.max_bad_fraction" in r.stderr
 
 
+def test_unchecked_run_skips_a_val_file_broken_after_listing(small_digits, tmp_path):
+    from tfvision.train import main
+
+    cfg = config(small_digits, tmp_path, epochs=1, steps_per_epoch=2)
+    run = tmp_path / "run"
+    args = ["--config", str(cfg), "--output-dir", str(run), "--quiet", "--set", "data.check_files=false"]
+    assert main([*args, "--check-data"]) == 0  # lists and splits; checks nothing
+    val = pd.read_csv(run / "splits" / "val.csv")
+    broken = val["path"][3]
+    with open(broken, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(300))
+    assert main(args) == 0  # resumes the listed run
+    report = json.loads((run / "data_report.json").read_text())
+    assert [r["path"] for r in report["rejected"]] == [broken] and report["rejected"][0]["reason"]
+    assert json.loads((run / "metrics.json").read_text())["n_val"] == len(val) - 1
+
+
 def test_killed_run_resumes_where_it_stopped(small_digits, tmp_path):
     cfg = config(small_digits, tmp_path, epochs=4, steps_per_epoch=12)
     run = tmp_path / "run"

@@ -116,6 +116,13 @@ def check_data(cfg: Config, run_dir: Path, frame: pd.DataFrame, missing: list[di
         rejected = list(missing)
         if cfg.data.check_files:
             rejected += check_files(frame["path"].tolist(), cfg.data.channels)
+    if not cfg.data.check_files:
+        # Scores need one prediction per listed val/test image, and evaluation skips a file it
+        # cannot decode; so those files are checked even so, on every start (a resumed run's
+        # may have changed since), while the training files, the bulk, stay unchecked.
+        seen = {r["path"] for r in rejected}
+        held_out = [p for p in frame.loc[frame["split"] != "train", "path"] if p not in seen]
+        rejected += check_files(held_out, cfg.data.channels)
     bad = {r["path"] for r in rejected}
     total = len(frame) + len(missing)
     fraction = len(rejected) / max(total, 1)
