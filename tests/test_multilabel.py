@@ -260,3 +260,18 @@ def test_class_weights_weigh_labels_and_never_drop_a_sample(small_digits, tmp_pa
     np.testing.assert_allclose(per_sample, expected, rtol=1e-5)
     assert w[0] > 3 * w[1]  # the rare finding counts for more
     assert MaskedBinaryLoss.from_config(loss.get_config()).class_weights == pytest.approx(w.tolist())
+
+
+def test_unknown_oversample_class_is_a_data_error_with_a_hint(small_digits, tmp_path, capsys):
+    from tfvision.train import main
+
+    _digits_multilabel(small_digits)
+    cfg = {"task": "multilabel",
+           "data": {"source": "csv", "root": str(small_digits), "csv": "multi.csv", "label_columns": ["even", "gt4"],
+                    "image_size": 16, "oversample": {"enabled": True, "factors": {"evn": 3}}},
+           "model": {"backbone": "small_cnn", "weights": None}}
+    p = tmp_path / "ml.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["--config", str(p), "--output-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and "data.oversample.factors.evn" in lines[0] and "did you mean 'even'" in lines[0]

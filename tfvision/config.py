@@ -12,7 +12,6 @@ TensorFlow: a typo in a config must cost a second, not a minute.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tfvision.errors import ConfigError
+from tfvision.errors import ConfigError, did_you_mean
 
 TASKS = ("classification", "multilabel", "segmentation", "instance_segmentation")
 IMPLEMENTED_TASKS = ("classification", "multilabel", "segmentation")
@@ -393,9 +392,7 @@ def _coerce(value, tp, path: str, meta: dict):
         if value in choices:
             return value
         if isinstance(value, str):
-            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}{hint}")
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}{did_you_mean(value, choices)}")
         raise _Invalid
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -444,9 +441,7 @@ def _build(cls, raw: dict, prefix: str):
     for key in raw:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else key
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(fields)})"
-            raise ConfigError(f"{where}: unknown key{hint}")
+            raise ConfigError(f"{where}: unknown key{did_you_mean(key, fields, known='known keys')}")
     kwargs = {}
     for name, f in fields.items():
         where = f"{prefix}.{name}" if prefix else name
@@ -509,9 +504,8 @@ def _check_semantics(cfg: Config) -> None:
         raise ConfigError(f"task: {cfg.task!r} is planned but not implemented yet (available: {list(IMPLEMENTED_TASKS)})")
     names = BACKBONE_NAMES + (("unet",) if cfg.task == "segmentation" else ())
     if cfg.model.backbone not in names:
-        close = difflib.get_close_matches(cfg.model.backbone, names, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(names)}"
-        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r} ({hint})")
+        hint = did_you_mean(cfg.model.backbone, names, known="known")
+        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}{hint}")
     d = cfg.data
     if d.source == "chexpert" and cfg.task != "multilabel":
         raise ConfigError("data.source: 'chexpert' needs task 'multilabel'")
@@ -522,9 +516,8 @@ def _check_semantics(cfg: Config) -> None:
     for key in ("uncertain", "blank"):
         for cls, pol in getattr(d, key).per_class.items():
             if pol not in POLICIES:
-                close = difflib.get_close_matches(str(pol), POLICIES, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"data.{key}.per_class.{cls}: {pol!r} is not one of {list(POLICIES)}{hint}")
+                raise ConfigError(f"data.{key}.per_class.{cls}: {pol!r} is not one of {list(POLICIES)}"
+                                  f"{did_you_mean(pol, POLICIES)}")
     for cls, f in d.oversample.factors.items():
         if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
             raise ConfigError(f"data.oversample.factors.{cls}: expected a positive number, got {json.dumps(f)}")

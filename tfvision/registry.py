@@ -9,8 +9,9 @@ True
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
+
+from tfvision.errors import did_you_mean
 
 
 class Registry:
@@ -32,9 +33,7 @@ class Registry:
 
     def get(self, name: str) -> Callable:
         if name not in self._items:
-            close = difflib.get_close_matches(name, self.names(), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(self.names())}"
-            raise KeyError(f"unknown {self.kind} {name!r} ({hint})")
+            raise KeyError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names(), known='known')}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfvision.config import OversampleConfig
+from tfvision.errors import DataError, did_you_mean
 
 
 def positive_rates(targets: np.ndarray, known: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -31,6 +32,9 @@ def positive_factors(targets, known, cfg: OversampleConfig, class_names: list[st
     A rare class (positive rate p below `rare_below`) gets f = t(1-p) / (p(1-t)),
     which brings its rate to the target t when its positives overlap no other
     boosted class; capped at `max_factor`. `factors` overrides per class.
+
+    Raises:
+        DataError: a class in `factors` that the data does not have.
     """
     p = positive_rates(targets, known)
     t = cfg.target_rate
@@ -39,7 +43,8 @@ def positive_factors(targets, known, cfg: OversampleConfig, class_names: list[st
     f[rare] = np.minimum(t * (1 - p[rare]) / (p[rare] * (1 - t)), cfg.max_factor)
     for name, value in cfg.factors.items():
         if name not in class_names:
-            raise KeyError(f"data.oversample.factors: unknown class {name!r}")
+            raise DataError(f"data.oversample.factors.{name}: no such class in the data"
+                            f"{did_you_mean(name, class_names, known='classes')}")
         f[class_names.index(name)] = float(value)
     return f
 
