@@ -87,15 +87,33 @@ def eval_frame(cfg, run_dir: Path):
     return frame
 
 
+def unreadable(frame, channels: int) -> list[dict]:
+    """``[{"path", "reason"}]`` for the scored splits' images that no longer decode.
+
+    Files can break after training checked them (a partial copy, a disk error); evaluate
+    scores the rest and names these, rather than failing after the model ran."""
+    from tfvision.data.check import check_files
+
+    scored = frame[frame["split"].isin(["val", "test"])]["path"].tolist()
+    bad = check_files(scored, channels, progress=False)
+    for r in bad:
+        log.warning("skipped %s: %s", r["path"], r["reason"])
+    return bad
+
+
 def eval_inputs(cfg, task, run_dir: Path):
-    """The run's data behind the `Inputs` interface, chosen as training chose it."""
+    """The run's data behind the `Inputs` interface, chosen as training chose it, and the
+    images left out because they no longer decode."""
     if cfg.data.source == "tfrecord":
         from tfvision.data.tfrecord import RecordInputs
 
-        return RecordInputs(cfg, task)
+        return RecordInputs(cfg, task), []
     from tfvision.data.inputs import FileInputs
 
-    return FileInputs(cfg, task, eval_frame(cfg, run_dir))
+    frame = eval_frame(cfg, run_dir)
+    skipped = unreadable(frame, cfg.data.channels)
+    frame = frame[~frame["path"].isin({r["path"] for r in skipped})].reset_index(drop=True)
+    return FileInputs(cfg, task, frame), skipped
 
 
 def member_logits(ens, inputs, cfg, split: str, batch_size: int) -> list[np.ndarray]:
@@ -144,7 +162,7 @@ def evaluate(run_dir, split: str = "val", tta=None, ensemble=(), ordinal: bool =
     scorer = SCORERS[main_run.task](main_run.class_names, ordinal=ordinal, match=match_distribution)
     cfg = load_run_config(run_dir)
     task = get_task(cfg.task, cfg)
-    inputs = eval_inputs(cfg, task, run_dir)
+    inputs, skipped = eval_inputs(cfg, task, run_dir)
     if list(inputs.class_names) != main_run.class_names:
         raise DataError(f"{run_dir}: the data's classes {inputs.class_names[:10]} differ from run.json's "
                         f"{main_run.class_names[:10]}")
@@ -176,7 +194,7 @@ def evaluate(run_dir, split: str = "val", tta=None, ensemble=(), ordinal: bool =
     metrics.update(ece=cal["ece"], mce=cal["mce"], nll=cal["nll"], reliability_bins=cal["bins"])
     members = [str(r.run_dir) for r in ens.runs]
     metrics = {"run": str(run_dir), "split": split, "n": int(len(y[split])), "task": main_run.task,
-               "tta": views, "ensemble": members[1:], **metrics,
+               "tta": views, "ensemble": members[1:], "skipped": skipped, **metrics,
                "calibration": calibration, "decision": {"rule": decision, **decisions}}
 
     out = run_dir / "eval" / split
@@ -206,7 +224,7 @@ def evaluate_segmentation(run_dir: Path, run, split: str, batch_size: int | None
         raise UserError(f"{run_dir}: run.json says task 'segmentation' but config.json says {cfg.task!r}")
     task = get_task(cfg.task, cfg)
     task.output_names = ["logits"]  # score the main output; aux heads are training-only
-    inputs = eval_inputs(cfg, task, run_dir)
+    inputs, skipped = eval_inputs(cfg, task, run_dir)
     if not inputs.sizes.get(split):
         raise UserError(f"--split {split}: {run_dir} has no {split} slices")
     spec = PipelineSpec.from_config(cfg)
@@ -214,7 +232,8 @@ def evaluate_segmentation(run_dir: Path, run, split: str, batch_size: int | None
     scores = task.score(run.model, inputs.dataset(split, spec, training=False, format_batch=task.format_batch),
                         inputs, split)
     out = run_dir / "eval" / split
-    metrics = {"run": str(run_dir), "split": split, "n": int(inputs.sizes[split]), "task": "segmentation", **scores}
+    metrics = {"run": str(run_dir), "split": split, "n": int(inputs.sizes[split]), "task": "segmentation",
+               "skipped": skipped, **scores}
     write_json(out / "metrics.json", metrics)
     rows = ["| class | Dice | IoU |", "|---|---|---|"] + [
         f"| {c} | {_fmt(scores['dice_per_class'][c])} | {_fmt(scores['iou_per_class'][c])} |"

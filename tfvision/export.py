@@ -211,19 +211,29 @@ def verification_images(run_dir: Path, images: str | None, n: int) -> list[str]:
     return paths
 
 
-def _load_images(paths: list[str], channels: int) -> tuple[list[np.ndarray], list[bytes]]:
-    """uint8 arrays at their own size (decoded the way training decodes), and the raw bytes."""
+def _load_images(paths: list[str], channels: int) -> tuple[list[np.ndarray], list[bytes], list[dict]]:
+    """uint8 arrays at their own size (decoded the way training decodes), the raw bytes, and
+    ``[{"path", "reason"}]`` for files that do not decode (left out of the comparison)."""
     import tensorflow as tf
 
+    from tfvision.data.check import rejection_reason
     from tfvision.data.decode import decode
 
-    arrays, raw = [], []
+    arrays, raw, skipped = [], [], []
     for p in paths:
+        reason = rejection_reason(p, channels)
+        if reason:
+            log.warning("--verify: skipped %s: %s", p, reason)
+            skipped.append({"path": p, "reason": reason})
+            continue
         data = Path(p).read_bytes()
         img = decode(tf.constant(data), channels).numpy()
         arrays.append(np.clip(np.round(img), 0, 255).astype(np.uint8))
         raw.append(data)
-    return arrays, raw
+    if paths and not arrays:
+        raise DataError(f"--verify: none of the {len(paths)} images decodes (e.g. {skipped[0]['path']}: "
+                        f"{skipped[0]['reason']})")
+    return arrays, raw, skipped
 
 
 def _same_size_batches(arrays: list[np.ndarray], batch: int = 16):
@@ -286,9 +296,10 @@ def runner(entry: dict, root: Path):
     return lambda b: run(image=b)["probabilities"]
 
 
-def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str]) -> bool:
-    """Fill max_abs_diff, top1_agreement, n_images and passed into each entry."""
-    arrays, raw = _load_images(paths, info["channels"])
+def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str]) -> tuple[bool, list[dict]]:
+    """Fill max_abs_diff, top1_agreement, n_images and passed into each entry; returns whether
+    all passed, and the images left out because they do not decode."""
+    arrays, raw, skipped = _load_images(paths, info["channels"])
     ref_uint8, ref_bytes = reference(model, info, arrays, raw)
     ok = True
     for e in entries:
@@ -300,7 +311,7 @@ def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str])
             got, ref = _run_all(call, arrays), ref_uint8
         wrong = next(((g.shape, r.shape) for g, r in zip(got, ref, strict=True) if g.shape != r.shape), None)
         if wrong:  # a failed export like any other: reported, and kept as OUTPUT.failed
-            e.update(max_abs_diff=None, top1_agreement=None, n_images=len(paths), passed=False,
+            e.update(max_abs_diff=None, top1_agreement=None, n_images=len(arrays), passed=False,
                      error=f"output shape {wrong[0]}, Keras gives {wrong[1]}")
             ok = False
             log.error("%-10s %-16s %-8s %s", e["format"], e.get("signature", ""), e["precision"], e["error"])
@@ -309,12 +320,12 @@ def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str])
         # top-1 per image, or per pixel for dense outputs
         top1 = float(np.mean(np.concatenate([(g.argmax(-1) == r.argmax(-1)).ravel()
                                              for g, r in zip(got, ref, strict=True)])))
-        e.update(max_abs_diff=diff, top1_agreement=top1, n_images=len(paths),
+        e.update(max_abs_diff=diff, top1_agreement=top1, n_images=len(arrays),
                  passed=bool(all(np.isfinite(g).all() for g in got) and diff <= e["threshold"]))
         ok &= e["passed"]
         log.info("%-10s %-16s %-8s max_abs_diff=%.3g top1_agreement=%.4f %s", e["format"],
                  e.get("signature", ""), e["precision"], diff, top1, "ok" if e["passed"] else "FAILED")
-    return ok
+    return ok, skipped
 
 
 # --------------------------------------------------------------------------- CLI
@@ -361,13 +372,14 @@ def run(args) -> int:
     try:
         entries, model, info = export(run_dir, formats, tmp, float16=args.float16, quantize=args.quantize,
                                       opset=args.opset)
-        ok = verify(entries, tmp, model, info, paths) if args.verify else True
+        ok, skipped = verify(entries, tmp, model, info, paths) if args.verify else (True, [])
         final = output if ok else output.with_name(output.name + ".failed")
         for e in entries:
             e["path"] = str(final / e["path"])
         write_json(tmp / REPORT, {
             "run": str(run_dir.resolve()), "tfvision_version": __version__, "verified": bool(args.verify),
-            "images": paths, "thresholds": THRESHOLDS, "passed": ok, "exports": entries})
+            "images": [p for p in paths if p not in {r["path"] for r in skipped}], "skipped_images": skipped,
+            "thresholds": THRESHOLDS, "passed": ok, "exports": entries})
         replace_dir(tmp, final, REPORT, _refusal(final))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
