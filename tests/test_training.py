@@ -109,6 +109,29 @@ def test_unchecked_run_skips_a_val_file_broken_after_listing(small_digits, tmp_p
     assert json.loads((run / "metrics.json").read_text())["n_val"] == len(val) - 1
 
 
+def test_mixed_precision_logs_the_rate_each_group_trains_at(small_digits, tmp_path):
+    from tfvision.config import load_config
+    from tfvision.schedules import build_schedule
+    from tfvision.train import main
+
+    steps, phases = 3, [{"epochs": 1, "trainable": "head"}, {"epochs": 2, "trainable": "all", "lr": 0.002}]
+    cfg = config(small_digits, tmp_path, phases=phases, steps_per_epoch=steps, mixed_precision="mixed_float16")
+    run = tmp_path / "run"
+    try:
+        assert main(["--config", str(cfg), "--output-dir", str(run), "--quiet"]) == 0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # the run set it for this process
+    history = pd.read_csv(run / "history.csv")
+    # Oracle: each phase's schedule object at the step its fresh optimizer reached by the epoch's end.
+    sched = load_config(cfg).train.schedule
+    head, full = build_schedule(sched, 0.003, steps, steps), build_schedule(sched, 0.002, 2 * steps, steps)
+    want = [float(head(steps)), float(full(steps)), float(full(2 * steps))]
+    np.testing.assert_allclose(history["lr"], want, rtol=1e-5)
+    # The backbone: frozen in the head phase, then at backbone_lr_mult (0.5) of the head's rate.
+    np.testing.assert_allclose(history["lr_backbone"], [0.0, 0.5 * want[1], 0.5 * want[2]], rtol=1e-5)
+    assert (run / "training_curves.png").stat().st_size > 0
+
+
 def test_killed_run_resumes_where_it_stopped(small_digits, tmp_path):
     cfg = config(small_digits, tmp_path, epochs=4, steps_per_epoch=12)
     run = tmp_path / "run"

@@ -93,12 +93,36 @@ class ResumablePlateau(_Resumable, keras.callbacks.ReduceLROnPlateau):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds the current learning rate to the epoch logs (history.csv, TensorBoard)."""
+    """Adds the learning rate each parameter group trains at to the epoch logs
+    (history.csv, the progress line, TensorBoard, training_curves.png).
+
+    ``lr`` is the base rate (the head's). Each entry of `groups` adds a column for
+    the variables it lists: the base rate times the multiplier the optimizer
+    applies to them, or 0.0 while none of them is trainable (a frozen backbone).
+    A group keeps its column in every phase, so history.csv keeps one header.
+
+    >>> LearningRateLogger({"lr_backbone": backbone.trainable_variables})
+
+    Args:
+        groups: column name -> the group's trainable variables in this phase.
+    """
+
+    def __init__(self, groups: dict[str, list] | None = None):
+        super().__init__()
+        self.groups = dict(groups or {})
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            opt = self.model.optimizer
-            logs["lr"] = float(keras.ops.convert_to_numpy(opt._get_current_learning_rate()))
+        if logs is None:
+            return
+        opt = self.model.optimizer
+        # Under mixed precision Keras wraps the optimizer in a LossScaleOptimizer whose own rate
+        # is a placeholder 0.0 (Keras 3.15: every epoch logged lr 0.0); the inner one applies it.
+        opt = getattr(opt, "inner_optimizer", opt)
+        lr = float(keras.ops.convert_to_numpy(opt._get_current_learning_rate()))
+        logs["lr"] = lr
+        mult = getattr(opt, "lr_multiplier", lambda v: 1.0)  # 1 for a plain Keras optimizer
+        for name, variables in self.groups.items():
+            logs[name] = lr * mult(variables[0]) if variables else 0.0
 
 
 def save(model: keras.Model, path) -> None:

@@ -27,7 +27,11 @@ class _LrMultipliers:
 
     def build(self, variables):
         super().build(variables)
-        self._mults = [self._mult_by_id.get(id(v), 1.0) for v in variables]
+        self._mults = [self.lr_multiplier(v) for v in variables]
+
+    def lr_multiplier(self, variable) -> float:
+        """The factor on the learning rate `variable` trains at."""
+        return self._mult_by_id.get(id(variable), 1.0)
 
     def update_step(self, gradient, variable, learning_rate):
         m = self._mults[self._get_variable_index(variable)] if self._mults else 1.0

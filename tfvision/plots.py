@@ -95,6 +95,7 @@ def training_curves(history, path) -> str:
     lr = cols.pop(lr_name) if lr_name else None
     for extra in _LR_COLUMNS:
         cols.pop(extra, None)
+    groups_lr = {name: cols.pop(name) for name in list(cols) if name.startswith("lr_")}  # e.g. lr_backbone
     groups = _families(list(cols))
     panels = len(groups) + (lr is not None)
     if panels == 0:
@@ -115,9 +116,13 @@ def training_curves(history, path) -> str:
         ax.legend(fontsize="small")
     if lr is not None:
         ax = flat[len(groups)]
-        ax.plot(x[: len(lr)], lr, marker=".", color="tab:gray")
+        ax.plot(x[: len(lr)], lr, marker=".", color="tab:gray", label="lr")
+        for name, values in groups_lr.items():  # 0.0 while the group is frozen: left out of the line
+            ax.plot(x[: len(values)], np.where(values > 0, values, np.nan), marker=".", label=name)
         if np.all(lr > 0):
             ax.set_yscale("log")  # schedules span decades; linear hides the warm-up
+        if groups_lr:
+            ax.legend(fontsize="small")
         ax.set_title("learning rate")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

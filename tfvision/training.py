@@ -55,10 +55,10 @@ def setup_runtime(cfg: Config):
     return tf.distribute.get_strategy()
 
 
-def _callbacks(cfg: Config, run_dir: Path, phase: int):
+def _callbacks(cfg: Config, run_dir: Path, phase: int, lr_groups: dict):
     tr = cfg.train
     cbs = [
-        LearningRateLogger(),
+        LearningRateLogger(lr_groups),
         keras.callbacks.BackupAndRestore(str(run_dir / "backup" / f"phase{phase}")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         AtomicCheckpoint(run_dir / "checkpoints", tr.monitor, monitor_mode(tr.monitor)),
@@ -147,16 +147,19 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
                 set_trainable(backbone, pattern, phase.trainable, phase.n_blocks)
             schedule = build_schedule(cfg.train.schedule, lr, steps * phase.epochs, steps)
             mult = cfg.train.optimizer.backbone_lr_mult if phase.trainable != "head" else 1.0
-            optimizer = build_optimizer(cfg.train.optimizer, schedule,
-                                        backbone.trainable_variables if backbone is not None else [], mult)
+            backbone_vars = backbone.trainable_variables if backbone is not None else []
+            optimizer = build_optimizer(cfg.train.optimizer, schedule, backbone_vars, mult)
             model.compile(optimizer=optimizer, jit_compile=False, **task.compile_args(cfg, inputs, model))
+        # The backbone's own rate gets a column in every phase of a run that gives it one.
+        lr_groups = ({"lr_backbone": backbone_vars}
+                     if backbone is not None and cfg.train.optimizer.backbone_lr_mult != 1.0 else {})
         log.info("phase %d/%d: epochs %d-%d, trainable=%s, lr=%g, size=%s, %d trainable weights",
                  i + 1, len(phases), start_epoch + 1, end_epoch, phase.trainable, lr, size,
                  len(model.trainable_weights))
         model._initial_epoch = None  # BackupAndRestore leaves this set from an earlier phase
         history = model.fit(
             train_ds, validation_data=val_ds, epochs=end_epoch, initial_epoch=start_epoch,
-            steps_per_epoch=steps, validation_steps=val_steps, callbacks=_callbacks(cfg, run_dir, i),
+            steps_per_epoch=steps, validation_steps=val_steps, callbacks=_callbacks(cfg, run_dir, i, lr_groups),
             verbose=verbose, shuffle=False,
         )
         if any(np.isnan(v).any() for v in history.history.values() if v):
