@@ -132,6 +132,42 @@ def test_mixed_precision_logs_the_rate_each_group_trains_at(small_digits, tmp_pa
     assert (run / "training_curves.png").stat().st_size > 0
 
 
+def test_best_checkpoint_and_best_json_stay_a_pair_across_a_kill(tmp_path, monkeypatch):
+    from tfvision import callbacks
+    from tfvision.callbacks import AtomicCheckpoint
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+
+    def epoch(cb, number, score):  # the weights name the epoch that made them
+        model.set_weights([np.full((1, 1), number, np.float32), np.zeros(1, np.float32)])
+        cb.set_model(model)
+        cb.on_epoch_end(number - 1, {"val_accuracy": score})
+
+    def saved_epoch():  # what evaluate and export read
+        return float(keras.saving.load_model(tmp_path / "best.keras", compile=False).get_weights()[0][0, 0])
+
+    epoch(AtomicCheckpoint(tmp_path, "val_accuracy"), 1, 0.5)
+    real_write = callbacks.write_json
+
+    def killed(path, data):
+        if path.name == "best.json":
+            raise SystemExit("killed")  # the process dies between best.keras and best.json
+        real_write(path, data)
+
+    monkeypatch.setattr(callbacks, "write_json", killed)
+    with pytest.raises(SystemExit):
+        epoch(AtomicCheckpoint(tmp_path, "val_accuracy"), 2, 0.9)
+    monkeypatch.setattr(callbacks, "write_json", real_write)
+    assert saved_epoch() == 2.0  # the better model did land
+
+    resumed = AtomicCheckpoint(tmp_path, "val_accuracy")
+    assert resumed.best == 0.9
+    assert json.loads((tmp_path / "best.json").read_text()) == {"monitor": "val_accuracy", "value": 0.9, "epoch": 2}
+    epoch(resumed, 3, 0.7)  # worse than the saved best: must not replace it
+    assert saved_epoch() == 2.0
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 2
+
+
 def test_killed_run_resumes_where_it_stopped(small_digits, tmp_path):
     cfg = config(small_digits, tmp_path, epochs=4, steps_per_epoch=12)
     run = tmp_path / "run"

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import math
+import zipfile
 from pathlib import Path
 
 import keras
 
 from tfvision.fileio import atomic_path, read_json, write_json
+
+# The score of best.keras travels inside it, as one more entry of its zip (Keras 3.15 reads
+# only its own entries), so one rename replaces the checkpoint and its score together. Two
+# files renamed one after the other can always be split by a kill: best.json, the readable
+# copy, is rewritten from the checkpoint when that happened.
+BEST_RECORD = "tfvision_best.json"
+
+
+def checkpoint_record(path) -> dict | None:
+    """The ``{"monitor", "value", "epoch"}`` stored in a best checkpoint, or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read(BEST_RECORD))
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -15,8 +32,8 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     Unlike `ModelCheckpoint` it writes through a temporary file (a kill never
     leaves a half-written checkpoint under the final name) and remembers the
-    best value in ``best.json``, so a resumed run does not overwrite a better
-    checkpoint with a worse one.
+    best value (inside ``best.keras``, copied to ``best.json``), so a resumed run
+    does not overwrite a better checkpoint with a worse one.
     """
 
     def __init__(self, directory, monitor: str = "val_loss", mode: str = "auto"):
@@ -24,8 +41,19 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.dir = Path(directory)
         self.monitor = monitor
         self.mode = mode if mode != "auto" else ("max" if _higher_is_better(monitor) else "min")
-        state = self.dir / "best.json"
-        self.best = read_json(state)["value"] if state.exists() else None
+        self.best = self._restore()
+
+    def _restore(self):
+        """The best value so far, read from best.keras; best.json is brought back in line."""
+        best, state = self.dir / "best.keras", self.dir / "best.json"
+        if not best.exists():
+            return None
+        record = checkpoint_record(best)
+        if record is None:  # written before the score went inside: best.json is all there is
+            return read_json(state)["value"] if state.exists() else None
+        if not state.exists() or read_json(state) != record:
+            write_json(state, record)  # a kill fell between the checkpoint and its copy
+        return record["value"]
 
     def _improved(self, value) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -41,8 +69,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         value = float(value) if value is not None else None
         if self._improved(value):
             self.best = value
-            save(self.model, self.dir / "best.keras")
-            write_json(self.dir / "best.json", {"monitor": self.monitor, "value": value, "epoch": epoch + 1})
+            record = {"monitor": self.monitor, "value": value, "epoch": epoch + 1}
+            save(self.model, self.dir / "best.keras", record)
+            write_json(self.dir / "best.json", record)
 
 
 class _Resumable:
@@ -125,9 +154,13 @@ class LearningRateLogger(keras.callbacks.Callback):
             logs[name] = lr * mult(variables[0]) if variables else 0.0
 
 
-def save(model: keras.Model, path) -> None:
+def save(model: keras.Model, path, record: dict | None = None) -> None:
+    """`model.save` through a temporary file, with `record` stored inside (see BEST_RECORD)."""
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
+        if record is not None:
+            with zipfile.ZipFile(tmp, "a") as z:
+                z.writestr(BEST_RECORD, json.dumps(record))
 
 
 def save_weights(model: keras.Model, path) -> None:
