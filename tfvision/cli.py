@@ -24,15 +24,35 @@ def run_command(command, parse_args, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in _WRITE_FAULTS:
+    except Exception as e:
+        fix = _write_fault(e)
+        if fix is None:
             raise
         # A full disk or a folder we may not write is the user's to fix, not a bug: one line.
         # Every writer goes through a temporary name, so nothing partial sits under a final one.
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; {_WRITE_FAULTS[e.errno]}; nothing partial was kept "
-              f"under a final name, so rerun the same command afterwards", file=sys.stderr)
+        print(f"error: {_first_line(e)}; {fix}; nothing partial was kept under a final name, "
+              f"so rerun the same command afterwards", file=sys.stderr)
         return 2
+
+
+def _write_fault(e: Exception) -> str | None:
+    """What to do about `e` when it is a failed write (disk full, read-only), else None.
+
+    TensorFlow's own writers (TFRecord shards, SavedModel variables, TensorBoard events)
+    raise `tf.errors.OpError`s, not `OSError`, carrying the OS's message: match that text.
+    """
+    if isinstance(e, OSError):
+        return _WRITE_FAULTS.get(e.errno)
+    if type(e).__module__.startswith("tensorflow"):
+        text = str(e)
+        return next((fix for code, fix in _WRITE_FAULTS.items() if os.strerror(code) in text), None)
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    return str(e).strip().splitlines()[0]
 
 
 _WRITE_FAULTS = {
