@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Derived data (slice caches, class weights, the predict ledger) goes to the user cache; tests,
+# and the commands they start, get a private one instead of the developer's ~/.cache.
+os.environ["TFVISION_CACHE"] = tempfile.mkdtemp(prefix="tfvision-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -97,3 +102,13 @@ def run_cli(*args, timeout=900, cwd=None, env=None) -> subprocess.CompletedProce
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or REPO, env=e)
+
+
+def checksums(tree: Path) -> dict[str, str]:
+    """Every path under `tree` (or the file itself) with its SHA-256: equal before and after a
+    command means it changed, added and removed nothing there. As root, chmod -w stops no
+    write, so this is how a read-only input is proven untouched."""
+    if tree.is_file():
+        return {tree.name: hashlib.sha256(tree.read_bytes()).hexdigest()}
+    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(tree.rglob("*"))}

@@ -20,7 +20,6 @@ until it has one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import resource
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, checksums
 from eval_helpers import trained_run
 
 COMMANDS = ["train", "convert", "evaluate", "predict", "export", "extract", "dicom_to_nifti"]
@@ -59,13 +58,6 @@ class Case:
             return self.output.is_file()
         done = self.output / self.done
         return done.is_file() and '"running"' not in done.read_text()  # dicom_to_nifti's first report
-
-
-def checksums(tree: Path) -> dict[str, str]:
-    if tree.is_file():
-        return {tree.name: hashlib.sha256(tree.read_bytes()).hexdigest()}
-    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(tree.rglob("*"))}
 
 
 def run(case: Case, *, limit: int | None = None, timeout=600) -> subprocess.CompletedProcess:
