@@ -222,7 +222,8 @@ def series_geometry(headers: list[dict]) -> dict[str, Any]:
 
     Returns:
         A dict with ``ordered`` (headers in slice order), ``shape`` (X, Y, Z),
-        ``affine`` (RAS), ``spacing`` (mm per axis), ``positions`` and ``warnings``.
+        ``affine`` (RAS), ``spacing`` (mm per axis), ``positions``, ``sheared``
+        (the slice step is not along the plane normal: gantry tilt) and ``warnings``.
 
     Raises:
         DataError: empty or mixed series, differing image shapes, duplicate positions.
@@ -253,11 +254,13 @@ def series_geometry(headers: list[dict]) -> dict[str, Any]:
         warnings += spacing_warnings(positions)
         ipp0, ipp1 = (np.asarray(ordered[i]["image_position_patient"]) for i in (0, -1))
         step = (ipp1 - ipp0) / (len(ordered) - 1)
-        if np.linalg.norm(np.cross(step / np.linalg.norm(step), slice_normal(iop))) > 1e-3:
-            warnings.append("slices are sheared (gantry tilt?): the affine is not orthogonal")
+        sheared = bool(np.linalg.norm(np.cross(step / np.linalg.norm(step), slice_normal(iop))) > 1e-3)
+        if sheared:
+            warnings.append("slices are sheared (gantry tilt?): the affine is not orthogonal, so NIfTI "
+                            "files carry it as the sform only (qform_code 0)")
     else:
         thickness = first["spacing_between_slices"] or first["slice_thickness"] or 1.0
-        step = slice_normal(iop) * thickness
+        step, sheared = slice_normal(iop) * thickness, False
     origin = first["image_position_patient"] or [0.0, 0.0, 0.0]
     affine = slice_affine(iop, origin, pixel_spacing, step)
     return {
@@ -266,6 +269,7 @@ def series_geometry(headers: list[dict]) -> dict[str, Any]:
         "affine": affine,
         "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "positions": None if positions is None else positions.tolist(),
+        "sheared": sheared,
         "warnings": warnings,
     }
 
@@ -294,7 +298,7 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
     Returns:
         ``(volume, meta)``: meta has ``affine``, ``spacing``, ``shape``, the
         series uids, ``patient_id``, ``modality``, ``rescale`` values, ordered
-        ``files``, ``slice_positions`` and ``warnings`` (uneven spacing,
+        ``files``, ``slice_positions``, ``sheared`` and ``warnings`` (uneven spacing,
         orientation changes, defaulted rescale tags).
 
     Raises:
@@ -329,6 +333,6 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
         image_orientation_patient=first["image_orientation_patient"],
         image_position_patient=first["image_position_patient"],
         rescale=sorted(rescales), files=list(dict.fromkeys(h["path"] for h in ordered)),
-        slice_positions=geo["positions"], warnings=warnings,
+        slice_positions=geo["positions"], sheared=geo["sheared"], warnings=warnings,
     )
     return volume, meta

@@ -1,0 +1,208 @@
+"""DICOM -> NIfTI geometry on the scanner cases where converters go wrong (issue 13).
+
+Real DICOM only: pydicom's bundled series (``dicomdirtests``, ``rtdose.dcm``) and
+nibabel's test files, some with only their geometry tags rewritten. The oracle
+is the geometry the tags define (PS3.3 C.7.6.2.1.1): voxel (column i, row j) of
+a slice lies at IPP + i * dc * row_cosines + j * dr * column_cosines (LPS mm).
+Each file is also compared with dcm2niix and SimpleITK (GDCM) where they are
+installed (the ``test`` extra): the 8 corner voxels of each tool's output are
+matched to the tag corners as a set, so the tools' different axis flips do not
+matter. ``corner_errors`` collects the errors for the report table (``-s``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from tfvision.medical.dicom_to_nifti import convert_series  # noqa: E402
+from tfvision.medical.series import load_series  # noqa: E402
+
+LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+DICOMDIR = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
+corner_errors: dict[tuple[str, str], float] = {}  # (case, tool) -> max corner error, mm
+
+
+def data(name: str) -> str:
+    path = get_testdata_file(name, download=False)  # never the network
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not bundled")
+    return path
+
+
+def series_dir(name: str) -> Path:
+    folder = DICOMDIR / name
+    if not folder.is_dir():
+        pytest.skip(f"pydicom test series {name} not bundled")
+    return folder
+
+
+# ------------------------------------------------------------------ oracles
+
+
+def tag_corners(datasets) -> np.ndarray:
+    """[8, 3] RAS corners of the slices' own geometry: first and last slice along the normal."""
+    def world(ds, i, j):
+        iop = np.asarray(ds.ImageOrientationPatient, float)
+        dr, dc = (float(v) for v in ds.PixelSpacing)
+        return (np.asarray(ds.ImagePositionPatient, float) + i * dc * iop[:3] + j * dr * iop[3:]) * LPS_TO_RAS
+
+    normal = np.cross(*np.reshape(np.asarray(datasets[0].ImageOrientationPatient, float), (2, 3)))
+    ordered = sorted(datasets, key=lambda ds: normal @ np.asarray(ds.ImagePositionPatient, float))
+    return np.array([world(ds, i, j) for ds in (ordered[0], ordered[-1])
+                     for i in (0, ds.Columns - 1) for j in (0, ds.Rows - 1)])
+
+
+def affine_corners(affine, shape) -> np.ndarray:
+    ijk = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return (ijk @ np.asarray(affine, float).T)[:, :3]
+
+
+def corner_error(expected: np.ndarray, got: np.ndarray) -> float:
+    """Largest distance (mm) from an expected corner to the nearest corner of `got`."""
+    return float(np.linalg.norm(expected[:, None] - got[None], axis=-1).min(axis=1).max())
+
+
+def nifti_transforms(path) -> dict[str, np.ndarray]:
+    """Every transform a NIfTI reader may use: the qform and sform whose code is above 0."""
+    header = nib.load(path).header
+    out = {}
+    if header["qform_code"] > 0:
+        out["qform"] = header.get_qform()
+    if header["sform_code"] > 0:
+        out["sform"] = header.get_sform()
+    return out
+
+
+def sitk_corners(image) -> np.ndarray:
+    """[8, 3] RAS corners of a SimpleITK image (ITK works in LPS)."""
+    size = image.GetSize()
+    idx = [(i, j, k) for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    return np.array([image.TransformIndexToPhysicalPoint(p) for p in idx]) * LPS_TO_RAS
+
+
+def record(case: str, tool: str, error: float) -> float:
+    corner_errors[(case, tool)] = round(error, 3)
+    print(f"corner error | {case} | {tool} | {error:.3f} mm")
+    return error
+
+
+def sitk_dicom_error(case: str, folder: Path, expected: np.ndarray) -> float | None:
+    """SimpleITK (GDCM) reading the DICOM series itself."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return None
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return record(case, "SimpleITK (DICOM)", corner_error(expected, sitk_corners(reader.Execute())))
+
+
+def sitk_nifti_error(case: str, path: Path, expected: np.ndarray) -> float | None:
+    """SimpleITK reading tfvision's NIfTI: it prefers the qform when its code is above 0."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return None
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:  # ITK refuses some non-orthogonal sforms outright
+        print(f"SimpleITK cannot read {path.name}: {str(e).splitlines()[-1]}")
+        return None
+    return record(case, "SimpleITK (tfvision NIfTI)", corner_error(expected, sitk_corners(image)))
+
+
+def dcm2niix(folder: Path, out: Path, *flags: str) -> list[Path]:
+    """Run dcm2niix (the binary of its PyPI wheel) into `out`; the .nii files it wrote."""
+    exe = shutil.which("dcm2niix") or shutil.which("dcm2niix", path=str(Path(__import__("sys").executable).parent))
+    if exe is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([exe, "-z", "n", "-b", "n", *flags, "-f", "%s_%z", "-o", str(out), str(folder)],
+                   capture_output=True, text=True, timeout=60, check=True)
+    return sorted(out.glob("*.nii"))
+
+
+def tfvision_error(case: str, files, out: Path, expected: np.ndarray) -> tuple[float, Path]:
+    """Convert with tfvision; every transform with a code above 0 must give the tag corners."""
+    result = convert_series([str(f) for f in files], out)
+    assert result["status"] == "ok", result
+    path = Path(result["output"])
+    shape = nib.load(path).shape
+    errors = {name: corner_error(expected, affine_corners(a, shape)) for name, a in nifti_transforms(path).items()}
+    assert errors, "no transform with a code above 0"
+    record(case, "tfvision", max(errors.values()))
+    return max(errors.values()), path
+
+
+def read_series(folder: Path):
+    return [pydicom.dcmread(f) for f in sorted(folder.iterdir()) if f.name != "DICOMDIR"]
+
+
+# ------------------------------------------------------------- gantry tilt
+
+
+def write_tilted(src: Path, dst: Path, degrees: float) -> list:
+    """The slices of a real CT with ImagePositionPatient rewritten to a gantry tilt.
+
+    Slices stay axial, but each one moves along y by its z step times tan(tilt),
+    as on a scanner whose gantry leans while the table moves; GantryDetectorTilt
+    is set to match. Pixels and every other tag are the scanner's.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    datasets = read_series(src)
+    z0 = min(float(ds.ImagePositionPatient[2]) for ds in datasets)
+    for ds in datasets:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + (z - z0) * np.tan(np.deg2rad(degrees)), z]
+        ds.GantryDetectorTilt = degrees
+        ds.save_as(dst / f"{ds.InstanceNumber:04d}.dcm")
+    return datasets
+
+
+def test_gantry_tilt_is_written_as_sform_only(tmp_path):
+    datasets = write_tilted(series_dir("98892001/CT5N"), tmp_path / "tilt", 20.0)
+    expected = tag_corners(datasets)
+    error, path = tfvision_error("CT gantry tilt 20 deg", sorted((tmp_path / "tilt").iterdir()), tmp_path / "out",
+                                 expected)
+    assert error < 1e-3
+    header = nib.load(path).header
+    assert header["qform_code"] == 0 and header["sform_code"] == 1
+    # The qform nibabel would have written (its nearest rotation) misplaces the corners: why code 0.
+    qform_error = corner_error(expected, affine_corners(header.get_qform(), nib.load(path).shape))
+    assert qform_error > 0.5
+    np.testing.assert_allclose(header.get_zooms(), np.linalg.norm(header.get_sform()[:3, :3], axis=0), rtol=1e-6)
+    vol, meta = load_series(tmp_path / "tilt")
+    assert meta["sheared"] and any("qform_code 0" in w for w in meta["warnings"])
+    # Pixels are untouched by the geometry: slice k is the k-th file along the normal.
+    first = min(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj)[:, :, 0],
+                                  (first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept)).T)
+    sitk_nifti_error("CT gantry tilt 20 deg", path, expected)
+    sitk_dicom_error("CT gantry tilt 20 deg", tmp_path / "tilt", expected)
+    for nii in dcm2niix(tmp_path / "tilt", tmp_path / "dcm2niix"):
+        # dcm2niix writes the sheared input on an orthogonal grid (and a resampled _Tilt copy).
+        img = nib.load(nii)
+        record("CT gantry tilt 20 deg", f"dcm2niix {nii.stem.split('_', 1)[-1]}".strip(),
+               corner_error(expected, affine_corners(img.affine, img.shape)))
+
+
+def test_untilted_real_ct_keeps_its_qform(tmp_path):
+    folder = series_dir("98892001/CT5N")
+    expected = tag_corners(read_series(folder))
+    error, path = tfvision_error("CT axial", sorted(folder.iterdir()), tmp_path / "out", expected)
+    assert error < 1e-3 and nib.load(path).header["qform_code"] == 1
+    sitk_nifti_error("CT axial", path, expected)
+    sitk_dicom_error("CT axial", folder, expected)
+    for nii in dcm2niix(folder, tmp_path / "dcm2niix"):
+        img = nib.load(nii)
+        assert record("CT axial", "dcm2niix", corner_error(expected, affine_corners(img.affine, img.shape))) < 1e-2
