@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import jpeg_bytes, photo
+from tests import layouts
 from tfvision.config import DataConfig, LabelPolicy, OversampleConfig
 from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset
 from tfvision.data.sampling import positive_factors, positive_rates, sample_weights
@@ -111,27 +111,8 @@ def test_oversampling_raises_the_rare_positive_rate_to_target(tmp_path):
     assert seen[:, 0].mean() == pytest.approx(0.25, abs=0.02)
 
 
-def _chexpert(tmp_path, n_patients=12):
-    base = tmp_path / "CheXpert-v1.0-small"
-    rows = {"train": [], "valid": []}
-    rng = np.random.default_rng(0)
-    for p in range(n_patients):
-        split = "valid" if p >= n_patients - 2 else "train"
-        for study in range(2):
-            for view, lat, appa in (("frontal", "Frontal", "AP"), ("lateral", "Lateral", "")):
-                rel = f"CheXpert-v1.0-small/{split}/patient{p:05d}/study{study + 1}/view1_{view}.jpg"
-                (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp_path / rel).write_bytes(jpeg_bytes(photo(p * 4 + study, 32)))
-                labels = {c: rng.choice(["1.0", "0.0", "-1.0", ""]) for c in ("Edema", "Atelectasis")}
-                rows[split].append({"Path": rel, "Sex": "F", "Age": 50, "Frontal/Lateral": lat, "AP/PA": appa,
-                                    **labels})
-    for split, r in rows.items():
-        pd.DataFrame(r).to_csv(base / f"{split}.csv", index=False)
-    return tmp_path
-
-
 def test_chexpert_layout_is_patient_wise_and_filters_views(tmp_path):
-    root = _chexpert(tmp_path)
+    root = layouts.chexpert(tmp_path, ["Edema", "Atelectasis"], n_patients=12).root
     data = DataConfig(source="chexpert", root=str(root), label_columns=["Edema", "Atelectasis"], views="frontal")
     table = load_samples(data)
     frame = table.frame

@@ -13,27 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests import layouts
+
 nib = pytest.importorskip("nibabel")
-datasets = pytest.importorskip("nilearn.datasets")
+pytest.importorskip("nilearn.datasets")  # layouts.mni_volumes reads its bundled MNI152
 
 
 @pytest.fixture(scope="module")
 def mni(tmp_path_factory):
     """Three patients: the template and two flipped/shifted copies; labels 0 bg, 1 brain."""
-    root = tmp_path_factory.mktemp("mni")
-    tpl = datasets.load_mni152_template(resolution=2)
-    brain = datasets.load_mni152_brain_mask(resolution=2)
-    image = np.asarray(tpl.get_fdata(), np.float32)[:, :, 20:60]  # 40 axial slices through the brain
-    labels = (np.asarray(brain.get_fdata()) > 0.5).astype(np.uint8)[:, :, 20:60]
-    affine = tpl.affine.copy()
-    rows = []
-    for i, (img, lab) in enumerate([(image, labels), (image[::-1], labels[::-1]),
-                                    (np.roll(image, 6, 1), np.roll(labels, 6, 1))]):
-        nib.save(nib.Nifti1Image(img * 1000.0, affine), root / f"p{i}_ct.nii.gz")
-        nib.save(nib.Nifti1Image(lab, affine), root / f"p{i}_seg.nii.gz")
-        rows.append({"image": f"p{i}_ct.nii.gz", "mask": f"p{i}_seg.nii.gz", "patient": f"patient{i}"})
-    pd.DataFrame(rows).to_csv(root / "volumes.csv", index=False)
-    return root
+    return layouts.mni_volumes(tmp_path_factory.mktemp("mni")).root
 
 
 def _config(root, tmp_path, **over):

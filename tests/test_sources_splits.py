@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from tests import layouts
 from tests.conftest import jpeg_bytes, photo
 from tfvision.config import DataConfig, SplitConfig
 from tfvision.data.sources import load_samples
@@ -52,18 +55,15 @@ def test_csv_source_lists_missing_files_and_reads_val_csv(tmp_path):
 
 
 def test_ham10000_layout_over_two_folders(tmp_path):
-    meta = []
-    for i in range(8):
-        folder = tmp_path / f"HAM10000_images_part_{1 + i % 2}"
-        folder.mkdir(exist_ok=True)
-        (folder / f"ISIC_{i:07d}.jpg").write_bytes(jpeg_bytes(photo(i, 16)))
-        meta.append({"lesion_id": f"HAM_{i // 2}", "image_id": f"ISIC_{i:07d}", "dx": ["nv", "mel"][i % 2]})
-    meta.append({"lesion_id": "HAM_9", "image_id": "ISIC_9999999", "dx": "nv"})
-    pd.DataFrame(meta).to_csv(tmp_path / "HAM10000_metadata.csv", index=False)
-    table = load_samples(DataConfig(source="ham10000", root=str(tmp_path),
-                                    image_dirs=["HAM10000_images_part_1", "HAM10000_images_part_2"]))
-    assert len(table.frame) == 8
-    assert set(table.frame["group"]) == {f"HAM_{k}" for k in range(4)}
+    root = layouts.ham10000(tmp_path, per_class=4).root
+    meta = pd.read_csv(root / "HAM10000_metadata.csv")
+    missing = {"lesion_id": "HAM_9", "image_id": "ISIC_9999999", "dx": "nv"}
+    pd.concat([meta, pd.DataFrame([missing])]).to_csv(root / "HAM10000_metadata.csv", index=False)
+    dirs = ["HAM10000_images_part_1", "HAM10000_images_part_2"]
+    table = load_samples(DataConfig(source="ham10000", root=str(root), image_dirs=dirs))
+    assert len(table.frame) == len(meta) == 12
+    assert {Path(p).parent.name for p in table.frame["path"]} == set(dirs)
+    assert set(table.frame["group"]) == set(meta["lesion_id"])
     assert table.missing[0]["path"].endswith("ISIC_9999999.jpg")
 
 
