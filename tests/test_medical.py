@@ -143,8 +143,8 @@ def test_multiframe_reads_frames_first():
     ds = pydicom.dcmread(data("rtdose.dcm"))
     arr, meta = read_dicom(data("rtdose.dcm"))
     assert arr.shape == (15, 10, 10) == ds.pixel_array.shape
-    np.testing.assert_array_equal(arr, ds.pixel_array.astype(np.float32))
-    assert meta["number_of_frames"] == 15
+    np.testing.assert_allclose(arr, ds.pixel_array * float(ds.DoseGridScaling), rtol=1e-6)  # dose, not raw
+    assert meta["number_of_frames"] == 15 and meta["dose_grid_scaling"] == 1e-6
     assert meta["spacing"] == [5.0, 10.0, 10.0]  # GridFrameOffsetVector step, then PixelSpacing
 
 
@@ -292,9 +292,11 @@ def test_inconsistent_series_are_rejected_or_reported(tmp_path):
 
 def test_multiframe_file_loads_as_volume():
     vol, meta = load_series([data("rtdose.dcm")])
-    frames = pydicom.dcmread(data("rtdose.dcm")).pixel_array.astype(np.float32)
+    ds = pydicom.dcmread(data("rtdose.dcm"))
     assert vol.shape == (10, 10, 15)
-    np.testing.assert_array_equal(vol[:, :, 4], frames[4].T)
+    # DoseGridScaling (1e-6 here) turns the stored integers into dose (PS3.3 C.8.8.3.1).
+    np.testing.assert_allclose(vol[:, :, 4], ds.pixel_array[4].T * float(ds.DoseGridScaling), rtol=1e-6)
+    assert meta["unit"] == "relative" and not meta["warnings"]  # DoseUnits RELATIVE; no rescale warning
     np.testing.assert_allclose(meta["spacing"], [10.0, 10.0, 5.0])
 
 

@@ -232,6 +232,7 @@ def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[
     Grey images go through the modality LUT (RescaleSlope/Intercept, or a
     Modality LUT Sequence) exactly as ``pydicom.pixels.apply_modality_lut``;
     an absent slope or intercept defaults to 1 or 0 with a logged warning.
+    RT Dose is multiplied by DoseGridScaling, so it comes out in Gy.
     MONOCHROME1 is inverted as ``max + min - x`` so that bright always means
     dense. Colour images come back as RGB without rescaling.
 
@@ -249,6 +250,8 @@ def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[
         for multi-frame files, with a trailing channel axis for colour. Meta
         is :func:`header_meta` plus ``rescale_slope``, ``rescale_intercept``,
         ``rescale_defaulted`` (the tags that were absent), ``modality_lut``,
+        ``dose_grid_scaling`` (RT Dose, already applied), ``unit`` (``"HU"``
+        for CT, ``"Gy"`` or ``"relative"`` for RT Dose, else RescaleType or None),
         ``inverted`` and ``spacing`` (mm per array axis, None where unknown).
 
     Raises:
@@ -272,7 +275,10 @@ def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[
 
             arr, lut = apply_modality_lut(raw, ds).astype(np.float64), True
         else:
-            slope, intercept = _rescale(ds, meta, path, warn_missing_rescale)
+            # RT Dose has no Rescale tags: DoseGridScaling below is its modality transform.
+            dose = meta["modality"] == "RTDOSE"
+            slope, intercept = _rescale(ds, meta, path, warn_missing_rescale and not dose)
+            meta["rescale_defaulted"] = [] if dose else meta["rescale_defaulted"]
             # Same arithmetic as apply_modality_lut: float64, multiply, then add.
             arr = raw.astype(np.float64) * slope + intercept
     else:
@@ -280,7 +286,14 @@ def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[
     meta["inverted"] = meta["photometric_interpretation"] == "MONOCHROME1"
     if meta["inverted"]:
         arr = arr.max() + arr.min() - arr
-    meta.update(rescale_slope=slope, rescale_intercept=intercept, modality_lut=lut)
+    meta["unit"] = "HU" if meta["modality"] == "CT" else (str(ds.get("RescaleType", "")) or None)
+    scaling = ds.get("DoseGridScaling") if meta["modality"] == "RTDOSE" else None
+    if scaling is not None:
+        # RT Dose stores integers; DoseGridScaling (PS3.3 C.8.8.3.1) turns them into dose.
+        arr = arr * float(scaling)
+        meta["unit"] = "Gy" if str(ds.get("DoseUnits", "")).upper() == "GY" else "relative"
+    meta.update(rescale_slope=slope, rescale_intercept=intercept, modality_lut=lut,
+                dose_grid_scaling=None if scaling is None else float(scaling))
     plane = meta["pixel_spacing"] or [None, None]
     offsets = meta["grid_frame_offsets"] or []
     step = abs(offsets[1] - offsets[0]) if len(offsets) > 1 else None  # RTDOSE grids

@@ -31,7 +31,7 @@ _SCAN_CHUNK = 256  # files per header-scan task: big enough to amortise process 
 REPORT = "conversion_report.json"  # written last; marks a folder a conversion made
 _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", "patient_id", "modality",
          "series_number", "spacing", "shape", "axes", "image_orientation_patient", "image_position_patient",
-         "rescale", "slice_positions", "sheared", "warnings", "files")
+         "rescale", "unit", "slice_positions", "sheared", "warnings", "files")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -116,7 +116,8 @@ def convert_series(files: list[str], out_dir: str | Path) -> dict[str, Any]:
         kept = {k: meta[k] for k in _KEEP} | {"affine": meta["affine"], "dtype": str(volume.dtype)}
         text = json.dumps(kept, indent=1, default=_jsonable)
         atomic_write(target.with_name(target.name[:-7] + ".json"), lambda p: p.write_text(text))
-        return {"status": "ok", "series_instance_uid": uid, "output": str(target), "warnings": meta["warnings"]}
+        return {"status": "ok", "series_instance_uid": uid, "output": str(target), "unit": meta["unit"],
+                "warnings": meta["warnings"]}
     except Exception as e:  # one bad series must not stop the batch
         return {"status": "failed", "series_instance_uid": None, "files": len(files),
                 "first_file": str(files[0]) if files else None, "error": f"{type(e).__name__}: {e}"}

@@ -143,6 +143,10 @@ def _frame_headers(meta: dict) -> list[dict]:
     positions = meta["frame_positions"]
     if (not positions or len(positions) != n) and ipp and iop:
         offsets = meta["grid_frame_offsets"]  # RTDOSE: offsets along the normal
+        if offsets and offsets[0] != 0 and abs(offsets[0] - ipp[2]) < 1e-3:
+            # PS3.3 C.8.8.3.2: a first element equal to IPP z means absolute z positions
+            # (allowed for axial grids only), so make them relative to the first frame.
+            offsets = [o - offsets[0] for o in offsets]
         if not offsets or len(offsets) != n:
             step = meta["spacing_between_slices"] or meta["slice_thickness"] or 1.0
             offsets = [k * step for k in range(n)]
@@ -297,7 +301,8 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
 
     Returns:
         ``(volume, meta)``: meta has ``affine``, ``spacing``, ``shape``, the
-        series uids, ``patient_id``, ``modality``, ``rescale`` values, ordered
+        series uids, ``patient_id``, ``modality``, ``rescale`` values,
+        ``unit`` (``"HU"``, ``"Gy"``, ...; None when unknown or mixed), ordered
         ``files``, ``slice_positions``, ``sheared`` and ``warnings`` (uneven spacing,
         orientation changes, defaulted rescale tags).
 
@@ -308,7 +313,7 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
     geo = series_geometry(_headers_for(source, series_uid))
     ordered, warnings = geo["ordered"], list(geo["warnings"])
     volume = np.empty(geo["shape"], np.float32)
-    rescales, defaulted = set(), 0
+    rescales, defaulted, units = set(), 0, set()
     if "frame" in ordered[0]:  # one multi-frame file: decode once, pick frames in order
         frames, m = read_dicom(ordered[0]["path"], warn_missing_rescale=False)
         slices = ((h, frames[h["frame"]], m) for h in ordered)
@@ -319,6 +324,7 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
             raise DataError(f"{h['path']}: pixel array {arr.shape} is not one grey slice")
         volume[:, :, k] = arr.T  # (row, column) -> (x = column, y = row)
         rescales.add((m["rescale_slope"], m["rescale_intercept"]))
+        units.add(m["unit"])
         defaulted += bool(m["rescale_defaulted"])
     if defaulted:
         # One line per series instead of one per slice.
@@ -332,7 +338,8 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
         affine=geo["affine"], spacing=geo["spacing"], shape=geo["shape"], axes="xyz (column, row, slice)",
         image_orientation_patient=first["image_orientation_patient"],
         image_position_patient=first["image_position_patient"],
-        rescale=sorted(rescales), files=list(dict.fromkeys(h["path"] for h in ordered)),
+        rescale=sorted(rescales), unit=units.pop() if len(units) == 1 else None,
+        files=list(dict.fromkeys(h["path"] for h in ordered)),
         slice_positions=geo["positions"], sheared=geo["sheared"], warnings=warnings,
     )
     return volume, meta
