@@ -123,7 +123,7 @@ def test_volume_slices_go_to_the_cache_with_sanitised_patient_folders(tmp_path):
     """A patient id like ../x or /abs must not write outside the cache; the root stays untouched."""
     pytest.importorskip("nilearn.datasets")
     import pandas as pd
-    from layouts import mni_volumes
+    from tests.layouts import mni_volumes
 
     from tfvision.config import DataConfig
     from tfvision.data.sources import load_samples
