@@ -12,8 +12,13 @@ matter. ``corner_errors`` collects the errors for the report table (``-s``).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,7 @@ nib = pytest.importorskip("nibabel")
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from tfvision.medical.dicom_to_nifti import convert_series  # noqa: E402
+from tfvision.medical.rtstruct_to_labels import main as labels_main  # noqa: E402
 from tfvision.medical.series import load_series  # noqa: E402
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
@@ -123,7 +129,7 @@ def sitk_nifti_error(case: str, path: Path, expected: np.ndarray) -> float | Non
 
 def dcm2niix(folder: Path, out: Path, *flags: str) -> list[Path]:
     """Run dcm2niix (the binary of its PyPI wheel) into `out`; the .nii files it wrote."""
-    exe = shutil.which("dcm2niix") or shutil.which("dcm2niix", path=str(Path(__import__("sys").executable).parent))
+    exe = shutil.which("dcm2niix") or shutil.which("dcm2niix", path=str(Path(sys.executable).parent))
     if exe is None:
         return []
     out.mkdir(parents=True, exist_ok=True)
@@ -254,3 +260,110 @@ def test_rt_dose_is_scaled_and_placed_by_grid_offsets(tmp_path, units, absolute)
         # not asserted; the tag geometry above is the oracle.
         img = nib.load(nii)
         record(case, "dcm2niix", corner_error(expected, affine_corners(img.affine, img.shape)))
+
+
+# ------------------------------------------- RTSTRUCT labels on the exact grid
+
+
+def write_rtstruct_case(folder: Path) -> list:
+    """pydicom's real rtstruct.dcm beside a real CT whose geometry tags are rewritten to hold it.
+
+    The RTSTRUCT outlines x in [-200, 200], y in [-150, 150] mm on z = -200, -190,
+    -180 mm. The 16x16 CT gets 30 mm pixels from -245 mm (no voxel centre on an
+    edge) and slices at z = -210 ... -170 mm, and the series UIDs the RTSTRUCT names.
+    """
+    rs = pydicom.dcmread(data("rtstruct.dcm"), force=True)
+    frame = rs.ReferencedFrameOfReferenceSequence[0]
+    series_uid = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID
+    (folder / "ct").mkdir(parents=True)
+    datasets = read_series(series_dir("98892001/CT5N"))
+    for k, ds in enumerate(sorted(datasets, key=lambda d: float(d.ImagePositionPatient[2]))):
+        ds.ImagePositionPatient, ds.PixelSpacing = [-245.0, -245.0, -210.0 + 10 * k], [30.0, 30.0]
+        ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series_uid, frame.FrameOfReferenceUID
+        ds.save_as(folder / "ct" / f"{k}.dcm")
+    (folder / "rs").mkdir()
+    rs.save_as(folder / "rs" / "rtstruct.dcm")
+    return datasets
+
+
+def inside_body(datasets) -> np.ndarray:
+    """[X, Y, Z] oracle from the tags: voxel centres inside the RTSTRUCT's rectangles."""
+    ordered = sorted(datasets, key=lambda d: float(d.ImagePositionPatient[2]))
+    mask = np.zeros((ordered[0].Columns, ordered[0].Rows, len(ordered)), bool)
+    for k, ds in enumerate(ordered):
+        x0, y0, z = (float(v) for v in ds.ImagePositionPatient)
+        dr, dc = (float(v) for v in ds.PixelSpacing)
+        x, y = x0 + dc * np.arange(ds.Columns), y0 + dr * np.arange(ds.Rows)
+        if z in (-200.0, -190.0, -180.0):
+            mask[:, :, k] = (np.abs(x) < 200)[:, None] & (np.abs(y) < 150)[None, :]
+    return mask
+
+
+def run_labels_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "tfvision.medical.rtstruct_to_labels",
+                           *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_rtstruct_cli_writes_labels_on_the_series_grid(tmp_path):
+    datasets = write_rtstruct_case(tmp_path / "in")
+    (tmp_path / "names.json").write_text('{"Body": ["patient"], "Lung": ["lung*"]}')
+    out = tmp_path / "out" / "labels.nii.gz"
+    proc = run_labels_cli("--rtstruct", tmp_path / "in" / "rs" / "rtstruct.dcm", "--series", tmp_path / "in" / "ct",
+                          "--map", tmp_path / "names.json", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Body=1 (390 voxels)" in proc.stdout and "missing: Lung" in proc.stdout
+    labels = nib.load(out)
+    expected = inside_body(datasets)
+    assert int(expected.sum()) == 3 * 13 * 10  # 13 x 10 centres on each of the 3 contoured slices
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), expected.astype(np.uint8))
+    # The exact grid: the CT's own NIfTI (dicom_to_nifti) has the same shape and transforms.
+    ct = nib.load(convert_series(sorted((tmp_path / "in" / "ct").iterdir()), tmp_path / "ct")["output"])
+    assert labels.shape == ct.shape
+    np.testing.assert_allclose(labels.header.get_sform(), ct.header.get_sform(), atol=1e-6)
+    np.testing.assert_allclose(labels.header.get_qform(), ct.header.get_qform(), atol=1e-6)
+    assert corner_error(tag_corners(datasets), affine_corners(labels.affine, labels.shape)) < 1e-3
+    report = json.loads((tmp_path / "out" / "labels.json").read_text())
+    assert report["labels"] == {"Body": 1, "Lung": 2} and report["matched"]["Body"] == ["patient"]
+    assert report["missing"] == ["Lung"] and report["unmatched"] == ["Isocenter 1", "Isocenter 2"]
+    assert report["voxels"] == {"Body": 390, "Lung": 0}
+
+
+def test_rtstruct_cli_user_errors_exit_2_with_one_line(tmp_path):
+    write_rtstruct_case(tmp_path / "in")
+    (tmp_path / "names.json").write_text('{"Body": ["patient"]}')
+    (tmp_path / "bad.json").write_text('["patient"]')
+    rs, ct = tmp_path / "in" / "rs" / "rtstruct.dcm", tmp_path / "in" / "ct"
+    cases = {
+        "inside the input folder": ("--series", ct, "--map", tmp_path / "names.json", "--output", ct / "l.nii.gz"),
+        "must be a JSON object": ("--series", ct, "--map", tmp_path / "bad.json", "--output", tmp_path / "l.nii.gz"),
+        "not found under": ("--series", tmp_path / "in" / "rs", "--map", tmp_path / "names.json",
+                            "--output", tmp_path / "l.nii.gz"),
+    }
+    for message, args in cases.items():
+        proc = run_labels_cli("--rtstruct", rs, *args) if message == "not found under" else None
+        if proc is not None:  # one run through the real interpreter, the rest in-process (fast)
+            code, err = proc.returncode, proc.stderr
+        else:
+            buf = io.StringIO()
+            with contextlib.redirect_stderr(buf):
+                code = labels_main(["--rtstruct", str(rs), *map(str, args)])
+            err = buf.getvalue()
+        assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
+        assert message in err
+    assert sorted(p.name for p in ct.iterdir()) == [f"{k}.dcm" for k in range(5)]  # nothing written into inputs
+    assert not (tmp_path / "l.nii.gz").exists()
+
+
+def test_rtstruct_cli_patients_in_parallel_survive_a_bad_one(tmp_path):
+    write_rtstruct_case(tmp_path / "in" / "P1")
+    (tmp_path / "in" / "P2").mkdir()  # an RTSTRUCT whose series is missing must fail alone
+    shutil.copy(tmp_path / "in" / "P1" / "rs" / "rtstruct.dcm", tmp_path / "in" / "P2")
+    (tmp_path / "names.json").write_text('{"Body": ["patient"]}')
+    proc = run_labels_cli("--patients", tmp_path / "in", "--map", tmp_path / "names.json",
+                          "--output", tmp_path / "out", "--workers", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "labelled 1 RTSTRUCT(s), 1 failed" in proc.stdout and "not found under" in proc.stdout
+    report = json.loads((tmp_path / "out" / "labels_report.json").read_text())
+    assert [Path(r["rtstruct"]).parent.name for r in report["failed"]] == ["P2"]
+    assert int(np.asarray(nib.load(tmp_path / "out" / "P1" / "rtstruct.nii.gz").dataobj).sum()) == 390

@@ -261,7 +261,7 @@ def rtstruct_to_labels(rtstruct_path: str | Path, dicom_root: str | Path, name_m
 
     Returns:
         ``(label_volume, report)`` as :func:`rasterize_rtstruct`, the report
-        also holding ``affine`` and ``series_instance_uid`` of the grid.
+        also holding ``affine``, ``series_instance_uid`` and ``sheared`` of the grid.
 
     Raises:
         DataError: the referenced series is not under `dicom_root`.
@@ -274,7 +274,7 @@ def rtstruct_to_labels(rtstruct_path: str | Path, dicom_root: str | Path, name_m
                         f"not found under {dicom_root}; it holds {sorted(scan.series)}")
     geo = series_geometry(scan.series[uid])
     volume, report = rasterize_rtstruct(rts, geo["affine"], geo["shape"], name_map, labels)
-    report.update(affine=geo["affine"], series_instance_uid=uid)
+    report.update(affine=geo["affine"], series_instance_uid=uid, sheared=geo["sheared"])
     report["warnings"] = geo["warnings"] + report["warnings"]
     ct_frame = geo["ordered"][0]["frame_of_reference_uid"]
     if rts.frame_of_reference_uid and ct_frame and rts.frame_of_reference_uid != ct_frame:
