@@ -24,7 +24,9 @@ import pandas as pd
 import pytest
 
 from tests import layouts
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, checksums, run_cli
+
+pytestmark = pytest.mark.configs  # a suite of its own: CI runs it, plain `pytest` does not
 
 CONFIGS = REPO / "configs"
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.json"))
@@ -173,6 +175,11 @@ def trained(request, tmp_path_factory):
         pytest.skip(f"{name} has no case (test_every_shipped_config_has_a_case fails)")
     base = tmp_path_factory.mktemp(Path(name).stem)
     layout = CASES[name][0](base / "data")
+    # The data is read-only, as on Kaggle (/kaggle/input): test_inputs_unchanged compares its
+    # checksums after every command (as root, chmod alone stops no write). The demo's data is
+    # built by the run itself (data.prepare), so it has no input to protect.
+    inputs = checksums(layout.root) if layout.root.exists() else None
+    modes = _make_read_only(layout.root)
     # Derived data (volume slices, the predict ledger) goes to the user cache: keep it in tmp.
     env = {"TFVISION_CACHE": str(base / "cache"), "MPLBACKEND": "Agg"}
     run_dir = base / "run"
@@ -181,7 +188,18 @@ def trained(request, tmp_path_factory):
     proc = run_cli("-m", "tfvision.train", "--config", f"configs/{name}", "--output-dir", str(run_dir), "--quiet",
                    "--set", *sets, timeout=900, env=env)
     print(f"{name}: tfvision.train took {time.perf_counter() - t:.1f} s")
-    return Run(name, layout, run_dir, base, env), proc
+    run = Run(name, layout, run_dir, base, env)
+    run.inputs = inputs
+    yield run, proc
+    for path, mode in modes.items():
+        path.chmod(mode)
+
+
+def _make_read_only(root: Path) -> dict:
+    modes = {p: p.stat().st_mode for p in [root, *root.rglob("*")]} if root.exists() else {}
+    for path, mode in modes.items():
+        path.chmod(mode & ~0o222)
+    return modes
 
 
 def _ok(trained) -> Run:
@@ -262,3 +280,12 @@ def test_export(trained):
     assert report["verified"] and report["passed"]
     assert {e["format"] for e in report["exports"]} == {"savedmodel", "onnx", "tflite"}
     assert all(e["passed"] and e["n_images"] > 0 for e in report["exports"])
+
+
+def test_inputs_unchanged(trained):
+    """Train, evaluate, predict and export wrote nothing into the read-only data (slice caches,
+    class weights and the like go to the cache): every file is there, byte for byte, and no more."""
+    run, _ = trained
+    if run.inputs is None:
+        pytest.skip(f"{run.name}: its data is built by the run (data.prepare)")
+    assert checksums(run.layout.root) == run.inputs

@@ -36,6 +36,8 @@ import pytest
 from conftest import REPO, checksums
 from eval_helpers import trained_run
 
+pytestmark = pytest.mark.faults  # a suite of its own: CI runs it, plain `pytest` does not
+
 COMMANDS = ["train", "convert", "evaluate", "predict", "export", "extract", "dicom_to_nifti"]
 FAULTS = ["user_output", "read_only", "missing_input", "empty_input", "corrupt_file", "disk_full", "kill_rerun"]
 KILL_AFTER_S = 3.0
