@@ -260,9 +260,14 @@ def test_uneven_spacing_is_reported(tmp_path):
     positions = z_positions(5)
     positions[4][2] += 2.5  # a missing slice: gaps 2.5, 2.5, 2.5, 5.0
     write_ct_series(tmp_path, positions)
-    _, meta = load_series(tmp_path)
-    assert len(meta["warnings"]) == 1 and "uneven slice spacing" in meta["warnings"][0]
-    assert "2.500..5.000" in meta["warnings"][0]
+    vol, meta = load_series(tmp_path)  # default: resampled onto the even 2.5 mm grid, never the mean step
+    assert "uneven slice spacing" in meta["warnings"][0] and "2.500..5.000" in meta["warnings"][0]
+    assert meta["gaps"] == [{"after_slice": 3, "gap_mm": 5.0}] and vol.shape == (128, 128, 6)
+    raw = pydicom.dcmread(data("CT_small.dcm")).pixel_array.astype(np.float32) - 1024
+    np.testing.assert_allclose(vol[:, :, 4], (raw + 35).T)  # halfway between slices +30 and +40
+    np.testing.assert_allclose(meta["affine"][2, 2], 2.5)
+    with pytest.raises(DataError, match="load_series_runs"):
+        load_series(tmp_path, uneven="split")
 
 
 def test_inconsistent_series_are_rejected_or_reported(tmp_path):

@@ -367,3 +367,42 @@ def test_rtstruct_cli_patients_in_parallel_survive_a_bad_one(tmp_path):
     report = json.loads((tmp_path / "out" / "labels_report.json").read_text())
     assert [Path(r["rtstruct"]).parent.name for r in report["failed"]] == ["P2"]
     assert int(np.asarray(nib.load(tmp_path / "out" / "P1" / "rtstruct.nii.gz").dataobj).sum()) == 390
+
+
+# ---------------------------------------------------------- uneven spacing
+
+
+def test_missing_slice_is_split_or_resampled_never_a_mean_step(tmp_path):
+    # A real CT with its middle file removed: gaps 2.5, 5.0, 2.5 mm. The full series is the oracle.
+    full = sorted(read_series(series_dir("98892001/CT5N")), key=lambda d: float(d.ImagePositionPatient[2]))
+    kept = [ds for k, ds in enumerate(full) if k != 2]
+    (tmp_path / "in").mkdir()
+    for ds in kept:
+        ds.save_as(tmp_path / "in" / f"{ds.InstanceNumber}.dcm")
+    files = sorted((tmp_path / "in").iterdir())
+    split = convert_series(files, tmp_path / "split", uneven="split")
+    assert split["status"] == "ok" and len(split["outputs"]) == 2, split
+    assert split["gaps"] == [{"after_slice": 1, "gap_mm": pytest.approx(5.0, abs=1e-4)}]
+    errors = []
+    for path, run in zip(split["outputs"], (kept[:2], kept[2:]), strict=True):
+        img = nib.load(path)
+        errors.append(corner_error(tag_corners(run), affine_corners(img.affine, img.shape)))
+        assert img.shape[2] == 2 and json.loads(Path(path[:-7] + ".json").read_text())["gaps"] == split["gaps"]
+    assert record("CT missing slice (split)", "tfvision", max(errors)) < 1e-3
+    resampled = convert_series(files, tmp_path / "resampled", uneven="resample")
+    img = nib.load(resampled["output"])
+    expected = tag_corners(full)
+    assert record("CT missing slice (resample)", "tfvision", corner_error(expected, affine_corners(img.affine,
+                                                                                                   img.shape))) < 1e-3
+    hu = [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in full]
+    vol = np.asarray(img.dataobj, np.float64)
+    np.testing.assert_allclose(vol[:, :, 1], hu[1].T)  # measured slices keep their values
+    np.testing.assert_allclose(vol[:, :, 2], ((hu[1] + hu[3]) / 2).T, atol=0.5)  # linear, stored as float
+    # Corners only see the end slices: a mean-step stack (SimpleITK warns "non uniform sampling") still
+    # gets them right while its middle slices sit 0.8 mm off, which the split/resample checks above catch.
+    sitk_dicom_error("CT missing slice", tmp_path / "in", expected)
+    for nii in dcm2niix(tmp_path / "in", tmp_path / "dcm2niix"):
+        img = nib.load(nii)
+        record("CT missing slice", f"dcm2niix {nii.stem.split('_', 1)[-1]}".strip(),
+               corner_error(expected if img.shape[2] == 5 else tag_corners(kept), affine_corners(img.affine,
+                                                                                                  img.shape)))

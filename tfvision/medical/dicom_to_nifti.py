@@ -25,13 +25,20 @@ import numpy as np
 from tfvision.errors import UserError
 from tfvision.fileio import claim_dir, safe_name
 from tfvision.medical.dicom import require
-from tfvision.medical.series import DicomScan, find_dicom_files, load_series, scan_dicom
+from tfvision.medical.series import (
+    DicomScan,
+    find_dicom_files,
+    load_series,
+    load_series_runs,
+    scan_dicom,
+)
+from tfvision.medical.spacing import UNEVEN_MODES
 
 _SCAN_CHUNK = 256  # files per header-scan task: big enough to amortise process hops
 REPORT = "conversion_report.json"  # written last; marks a folder a conversion made
 _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", "patient_id", "modality",
          "series_number", "spacing", "shape", "axes", "image_orientation_patient", "image_position_patient",
-         "rescale", "unit", "slice_positions", "sheared", "warnings", "files")
+         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "sheared", "warnings", "files")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -90,8 +97,15 @@ def nifti_image(nib, volume: np.ndarray, affine: np.ndarray, sheared: bool):
     return image
 
 
-def convert_series(files: list[str], out_dir: str | Path) -> dict[str, Any]:
+def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
+                   tolerance: float = 0.01) -> dict[str, Any]:
     """Convert one series; return a result record instead of raising.
+
+    Evenly spaced series give ``<SeriesInstanceUID>.nii.gz``. Uneven ones (a gap
+    off the median by more than `tolerance`) are never written with a mean step:
+    ``uneven="split"`` writes each evenly spaced run as ``<uid>_run<n>.nii.gz``,
+    ``"resample"`` interpolates (linearly) onto an even grid; ``gaps`` reports
+    the gaps either way.
 
     >>> convert_series(["CT/1.dcm", "CT/2.dcm"], "out")["status"]  # doctest: +SKIP
     'ok'
@@ -99,35 +113,51 @@ def convert_series(files: list[str], out_dir: str | Path) -> dict[str, Any]:
     Args:
         files: the files of one series.
         out_dir: output root.
+        uneven: ``"split"`` or ``"resample"``.
+        tolerance: allowed deviation of a gap from the median gap (fraction).
 
     Returns:
-        ``{"status": "ok"|"failed", "series_instance_uid", "output" | "error", "warnings"}``.
+        ``{"status": "ok"|"failed", "series_instance_uid", "output" (the first
+        file), "outputs", "gaps", "unit" | "error", "warnings"}``.
     """
-    nib = require("nibabel")
     try:
-        volume, meta = load_series(files)
-        uid = meta["series_instance_uid"]
-        target = Path(out_dir) / safe_name(meta["patient_id"]) / f"{safe_name(uid)}.nii.gz"
-        # CT HU are integers: int16 halves the disk space (a lesson of 160 GB datasets).
-        if np.array_equal(volume, np.round(volume)) and -32768 <= volume.min() and volume.max() <= 32767:
-            volume = volume.astype(np.int16)
-        image = nifti_image(nib, volume, meta["affine"], meta["sheared"])
-        atomic_write(target, lambda p: nib.save(image, p))
-        kept = {k: meta[k] for k in _KEEP} | {"affine": meta["affine"], "dtype": str(volume.dtype)}
-        text = json.dumps(kept, indent=1, default=_jsonable)
-        atomic_write(target.with_name(target.name[:-7] + ".json"), lambda p: p.write_text(text))
-        return {"status": "ok", "series_instance_uid": uid, "output": str(target), "unit": meta["unit"],
-                "warnings": meta["warnings"]}
+        if uneven == "split":
+            parts = load_series_runs(files, tolerance=tolerance)
+        else:
+            parts = [load_series(files, uneven=uneven, tolerance=tolerance)]
+        outputs = []
+        for volume, meta in parts:
+            uid = meta["series_instance_uid"]
+            name = safe_name(uid) + (f"_run{meta['run']}" if len(parts) > 1 else "")
+            target = Path(out_dir) / safe_name(meta["patient_id"]) / f"{name}.nii.gz"
+            _write_volume(volume, meta, target)
+            outputs.append(str(target))
+        return {"status": "ok", "series_instance_uid": uid, "output": outputs[0], "outputs": outputs,
+                "gaps": meta["gaps"], "unit": meta["unit"], "warnings": meta["warnings"]}
     except Exception as e:  # one bad series must not stop the batch
         return {"status": "failed", "series_instance_uid": None, "files": len(files),
                 "first_file": str(files[0]) if files else None, "error": f"{type(e).__name__}: {e}"}
 
 
-def convert_study(series: dict[str, list[str]], out_dir: str) -> list[dict[str, Any]]:
+def _write_volume(volume: np.ndarray, meta: dict, target: Path) -> None:
+    """Write one volume and its JSON sidecar (atomically)."""
+    nib = require("nibabel")
+    # CT HU are integers: int16 halves the disk space (a lesson of 160 GB datasets).
+    if np.array_equal(volume, np.round(volume)) and -32768 <= volume.min() and volume.max() <= 32767:
+        volume = volume.astype(np.int16)
+    image = nifti_image(nib, volume, meta["affine"], meta["sheared"])
+    atomic_write(target, lambda p: nib.save(image, p))
+    kept = {k: meta.get(k) for k in _KEEP} | {"affine": meta["affine"], "dtype": str(volume.dtype)}
+    text = json.dumps(kept, indent=1, default=_jsonable)
+    atomic_write(target.with_name(target.name[:-7] + ".json"), lambda p: p.write_text(text))
+
+
+def convert_study(series: dict[str, list[str]], out_dir: str, uneven: str = "split",
+                  tolerance: float = 0.01) -> list[dict[str, Any]]:
     """Convert the series of one study (one worker task)."""
     results = []
     for uid, files in series.items():
-        result = convert_series(files, out_dir)
+        result = convert_series(files, out_dir, uneven, tolerance)
         result["series_instance_uid"] = result["series_instance_uid"] or uid
         results.append(result)
     return results
@@ -155,7 +185,8 @@ def _run(pool: Executor | None, fn, items, progress, desc: str):
     bar.close()
 
 
-def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True) -> dict[str, Any]:
+def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True,
+            uneven: str = "split", tolerance: float = 0.01) -> dict[str, Any]:
     """Convert all series under `in_dir`; see the module docstring.
 
     >>> report = convert("LUNG1", "nifti", workers=4)  # doctest: +SKIP
@@ -166,6 +197,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         out_dir: output root.
         workers: processes; 1 converts in this process.
         progress: show tqdm bars on stderr.
+        uneven, tolerance: see :func:`convert_series`.
 
     Returns:
         ``{"converted": [...], "failed": [...], "unreadable": [(path, reason)],
@@ -185,9 +217,9 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         studies: dict[str, dict[str, list[str]]] = {}
         for uid, headers in scan.series.items():
             studies.setdefault(headers[0]["study_instance_uid"], {})[uid] = [h["path"] for h in headers]
-        tasks = [(series, str(out_dir)) for series in studies.values()]
+        tasks = [(series, str(out_dir), uneven, tolerance) for series in studies.values()]
         results = []
-        for (series, _), result in _run(pool, convert_study, tasks, progress, "converting"):
+        for (series, *_), result in _run(pool, convert_study, tasks, progress, "converting"):
             results += result if isinstance(result, list) else [
                 {"status": "failed", "series_instance_uid": uid, "error": f"worker failed: {result!r}"}
                 for uid in series]
@@ -212,6 +244,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out_dir", type=Path, help="where the .nii.gz and .json files go: a new or empty folder, "
                         "or one an earlier conversion wrote (it holds conversion_report.json)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--uneven", choices=UNEVEN_MODES, default="split",
+                        help="a series with uneven slice spacing: write each evenly spaced run as its own file "
+                        "(split, the default) or interpolate linearly onto an even grid (resample)")
+    parser.add_argument("--uneven-tolerance", type=float, default=0.01,
+                        help="a gap off the median gap by more than this fraction is uneven (default 0.01)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
 
@@ -231,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_outside(args.out_dir, [args.in_dir], "out_dir")
     claim_dir(args.out_dir, REPORT, f"out_dir: {args.out_dir} holds files that no conversion wrote (no {REPORT}); "
               f"give a new or empty folder")
-    report = convert(args.in_dir, args.out_dir, workers=max(1, args.workers), progress=not args.no_progress)
+    report = convert(args.in_dir, args.out_dir, workers=max(1, args.workers), progress=not args.no_progress,
+                     uneven=args.uneven, tolerance=args.uneven_tolerance)
     ok, failed, bad = report["converted"], report["failed"], report["unreadable"]
     print(f"converted {len(ok)} series, {len(failed)} failed, {len(bad)} unreadable file(s), "
           f"{report['non_image']} non-image object(s) skipped")

@@ -18,6 +18,13 @@ import numpy as np
 
 from tfvision.errors import DataError
 from tfvision.medical.dicom import DicomError, read_dicom, read_header
+from tfvision.medical.spacing import (
+    UNEVEN_MODES,
+    even_grid,
+    even_runs,
+    irregular_gaps,
+    resample_slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +214,14 @@ def spacing_warnings(positions: np.ndarray, rel_tol: float = 0.01, abs_tol: floa
     if np.any(gaps < abs_tol):
         k = int(np.argmax(gaps < abs_tol))
         raise DataError(f"duplicate slice position {positions[k]:.3f} mm (several acquisitions in one series?)")
-    median = float(np.median(gaps)) if gaps.size else 0.0
-    bad = np.flatnonzero(np.abs(gaps - median) > max(abs_tol, rel_tol * median))
+    bad = irregular_gaps(positions, rel_tol, abs_tol)
     if bad.size == 0:
         return []
-    return [f"uneven slice spacing: gaps {gaps.min():.3f}..{gaps.max():.3f} mm (median {median:.3f}), "
-            f"{bad.size} irregular gap(s) after slice(s) {bad[:10].tolist()}; the affine uses the mean step"]
+    return [f"uneven slice spacing: gaps {gaps.min():.3f}..{gaps.max():.3f} mm (median {np.median(gaps):.3f}), "
+            f"{bad.size} irregular gap(s): " + ", ".join(f"{gaps[k]:.3f} mm after slice {k}" for k in bad[:10])]
 
 
-def series_geometry(headers: list[dict]) -> dict[str, Any]:
+def series_geometry(headers: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
     """Validate one series and compute its ordering, shape and affine (no pixels read).
 
     >>> geo = series_geometry(scan_dicom("LUNG1-001").series[uid])  # doctest: +SKIP
@@ -223,10 +229,14 @@ def series_geometry(headers: list[dict]) -> dict[str, Any]:
 
     Args:
         headers: header metas of the files of one series.
+        tolerance: a gap differing from the median by more than this fraction
+            is uneven (then ``runs`` has several ranges).
 
     Returns:
         A dict with ``ordered`` (headers in slice order), ``shape`` (X, Y, Z),
-        ``affine`` (RAS), ``spacing`` (mm per axis), ``positions``, ``sheared``
+        ``affine`` (RAS; from the first to the last slice, so only right when
+        ``runs`` is one range), ``spacing`` (mm per axis), ``positions``,
+        ``runs`` (evenly spaced index ranges, see :func:`~tfvision.medical.spacing.even_runs`), ``sheared``
         (the slice step is not along the plane normal: gantry tilt) and ``warnings``.
 
     Raises:
@@ -255,7 +265,7 @@ def series_geometry(headers: list[dict]) -> dict[str, Any]:
         warnings.append("PixelSpacing differs between slices; the affine uses the first slice")
     pixel_spacing = first["pixel_spacing"] or [1.0, 1.0]
     if positions is not None and len(ordered) > 1:
-        warnings += spacing_warnings(positions)
+        warnings += spacing_warnings(positions, tolerance)
         ipp0, ipp1 = (np.asarray(ordered[i]["image_position_patient"]) for i in (0, -1))
         step = (ipp1 - ipp0) / (len(ordered) - 1)
         sheared = bool(np.linalg.norm(np.cross(step / np.linalg.norm(step), slice_normal(iop))) > 1e-3)
@@ -273,6 +283,7 @@ def series_geometry(headers: list[dict]) -> dict[str, Any]:
         "affine": affine,
         "spacing": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "positions": None if positions is None else positions.tolist(),
+        "runs": even_runs(positions, tolerance) if positions is not None else [range(len(ordered))],
         "sheared": sheared,
         "warnings": warnings,
     }
@@ -288,29 +299,8 @@ def _headers_for(source, series_uid: str | None) -> list[dict]:
     return series[uid]
 
 
-def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Stack one DICOM series into a float32 volume ``[X, Y, Z]`` with its RAS affine.
-
-    >>> vol, meta = load_series("LUNG1-001/CT")  # doctest: +SKIP
-    >>> nibabel.Nifti1Image(vol, meta["affine"])  # doctest: +SKIP
-
-    Args:
-        source: a directory holding one series, a list of its files, or one
-            multi-frame file.
-        series_uid: which series to take when the directory holds several.
-
-    Returns:
-        ``(volume, meta)``: meta has ``affine``, ``spacing``, ``shape``, the
-        series uids, ``patient_id``, ``modality``, ``rescale`` values,
-        ``unit`` (``"HU"``, ``"Gy"``, ...; None when unknown or mixed), ordered
-        ``files``, ``slice_positions``, ``sheared`` and ``warnings`` (uneven spacing,
-        orientation changes, defaulted rescale tags).
-
-    Raises:
-        DataError: inconsistent series (see :func:`series_geometry`).
-        DicomError: a file cannot be decoded.
-    """
-    geo = series_geometry(_headers_for(source, series_uid))
+def _stack(geo: dict) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode the slices of `geo` into ``[X, Y, Z]`` with the first-to-last-slice affine."""
     ordered, warnings = geo["ordered"], list(geo["warnings"])
     volume = np.empty(geo["shape"], np.float32)
     rescales, defaulted, units = set(), 0, set()
@@ -330,8 +320,6 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
         # One line per series instead of one per slice.
         warnings.append(f"{defaulted} of {len(ordered)} slice(s) lack RescaleSlope/RescaleIntercept; used 1/0")
     first = ordered[0]
-    for w in warnings:
-        log.warning("series %s: %s", first["series_instance_uid"], w)
     meta = {key: first[key] for key in ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid",
                                         "patient_id", "modality", "series_number")}
     meta.update(
@@ -343,3 +331,107 @@ def load_series(source, series_uid: str | None = None) -> tuple[np.ndarray, dict
         slice_positions=geo["positions"], sheared=geo["sheared"], warnings=warnings,
     )
     return volume, meta
+
+
+def _regrid(meta: dict, ordered: list[dict], first: int, last: int, n: int) -> dict[str, Any]:
+    """`meta` for `n` evenly spaced slices from slice `first` to slice `last` of `ordered`."""
+    ipp0, ipp1 = (np.asarray(ordered[k]["image_position_patient"], float) for k in (first, last))
+    iop = ordered[first]["image_orientation_patient"]
+    thickness = ordered[first]["spacing_between_slices"] or ordered[first]["slice_thickness"] or 1.0
+    step = (ipp1 - ipp0) / (n - 1) if n > 1 else slice_normal(iop) * thickness
+    affine = slice_affine(iop, ipp0, ordered[first]["pixel_spacing"] or [1.0, 1.0], step)
+    shape = (*meta["shape"][:2], n)
+    return dict(meta, affine=affine, shape=shape, spacing=np.linalg.norm(affine[:3, :3], axis=0).tolist(),
+                image_position_patient=ipp0.tolist())
+
+
+def load_series(source, series_uid: str | None = None, *, uneven: str = "resample", tolerance: float = 0.01,
+                interpolation: str = "linear") -> tuple[np.ndarray, dict[str, Any]]:
+    """Stack one DICOM series into a float32 volume ``[X, Y, Z]`` with its RAS affine.
+
+    A series with uneven slice spacing (beyond `tolerance`) is never written
+    with a mean step: it is resampled onto an even grid (``uneven="resample"``),
+    or refused here (``"split"``: use :func:`load_series_runs`).
+
+    >>> vol, meta = load_series("LUNG1-001/CT")  # doctest: +SKIP
+    >>> nibabel.Nifti1Image(vol, meta["affine"])  # doctest: +SKIP
+
+    Args:
+        source: a directory holding one series, a list of its files, or one
+            multi-frame file.
+        series_uid: which series to take when the directory holds several.
+        uneven: ``"resample"`` or ``"split"`` (see above).
+        tolerance: allowed deviation of a gap from the median gap, as a fraction.
+        interpolation: ``"linear"`` for images, ``"nearest"`` for label volumes.
+
+    Returns:
+        ``(volume, meta)``: meta has ``affine``, ``spacing``, ``shape``, the
+        series uids, ``patient_id``, ``modality``, ``rescale`` values,
+        ``unit`` (``"HU"``, ``"Gy"``, ...; None when unknown or mixed), ordered
+        ``files``, ``slice_positions`` (of the output slices), ``source_positions``
+        and ``gaps`` (the irregular gaps, when resampled), ``sheared`` and
+        ``warnings`` (uneven spacing, orientation changes, defaulted rescale tags).
+
+    Raises:
+        DataError: inconsistent series (see :func:`series_geometry`), or uneven
+            spacing with ``uneven="split"``.
+        DicomError: a file cannot be decoded.
+    """
+    if uneven not in UNEVEN_MODES:
+        raise ValueError(f"uneven must be one of {UNEVEN_MODES}, not {uneven!r}")
+    geo = series_geometry(_headers_for(source, series_uid), tolerance)
+    if len(geo["runs"]) > 1 and uneven == "split":
+        raise DataError(f"series {geo['ordered'][0]['series_instance_uid']}: {geo['warnings'][0]}; "
+                        f"load its evenly spaced runs with load_series_runs, or resample")
+    volume, meta = _stack(geo)
+    meta["gaps"] = _gaps(geo)
+    if len(geo["runs"]) > 1:
+        target = even_grid(geo["positions"])
+        volume = resample_slices(volume, geo["positions"], target, interpolation)
+        meta = _regrid(meta, geo["ordered"], 0, len(geo["ordered"]) - 1, len(target))
+        meta.update(slice_positions=target.tolist(), source_positions=geo["positions"])
+        meta["warnings"].append(f"resampled ({interpolation}) onto {len(target)} slices "
+                                f"{float(np.diff(target)[0]):.3f} mm apart")
+    for w in meta["warnings"]:
+        log.warning("series %s: %s", meta["series_instance_uid"], w)
+    return volume, meta
+
+
+def _gaps(geo: dict) -> list[dict[str, float]]:
+    """The gaps between evenly spaced runs: where the series breaks, and by how much."""
+    positions = geo["positions"] or []
+    return [{"after_slice": run.stop - 1, "gap_mm": positions[run.stop] - positions[run.stop - 1]}
+            for run in geo["runs"][:-1]]
+
+
+def load_series_runs(source, series_uid: str | None = None, *,
+                     tolerance: float = 0.01) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """One volume per evenly spaced run of a series (one item when the spacing is even).
+
+    >>> [meta["shape"] for _, meta in load_series_runs("CT_with_a_missing_slice")]  # doctest: +SKIP
+    [(512, 512, 40), (512, 512, 61)]
+
+    Args:
+        source, series_uid, tolerance: as :func:`load_series`.
+
+    Returns:
+        ``[(volume, meta), ...]`` in slice order; each meta as :func:`load_series`
+        plus ``run`` (its index) and ``gaps`` (the irregular gaps of the series).
+
+    Raises:
+        DataError, DicomError: as :func:`load_series`.
+    """
+    geo = series_geometry(_headers_for(source, series_uid), tolerance)
+    volume, meta = _stack(geo)
+    gaps, out = _gaps(geo), []
+    for n, run in enumerate(geo["runs"]):
+        part = _regrid(meta, geo["ordered"], run.start, run.stop - 1, len(run))
+        part.update(run=n, gaps=gaps, files=list(dict.fromkeys(geo["ordered"][k]["path"] for k in run)),
+                    slice_positions=None if geo["positions"] is None else geo["positions"][run.start:run.stop])
+        if len(geo["runs"]) > 1:
+            part["warnings"] = [*meta["warnings"], f"split into {len(geo['runs'])} evenly spaced runs; "
+                                f"this is run {n} (slices {run.start}..{run.stop - 1})"]
+        out.append((volume[:, :, run.start:run.stop], part))
+    for w in out[0][1]["warnings"]:
+        log.warning("series %s: %s", meta["series_instance_uid"], w)
+    return out
