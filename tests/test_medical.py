@@ -280,19 +280,19 @@ def test_inconsistent_series_are_rejected_or_reported(tmp_path):
     write_ct_series(tmp_path / "dup", [z_positions(1)[0]] * 2)
     with pytest.raises(DataError, match="duplicate slice position"):
         load_series(tmp_path / "dup")
-    write_ct_series(tmp_path / "tilt", z_positions(3), orientation=(1, 0, 0, 0, 0.9998, 0.02))
+    tilt = write_ct_series(tmp_path / "tilt", z_positions(3), orientation=(1, 0, 0, 0, 0.9998, 0.02))
     _, meta = load_series(tmp_path / "tilt")
     assert any("sheared" in w for w in meta["warnings"])
-    turned = write_ct_series(tmp_path / "turned", z_positions(3), shuffle=False)
+    write_ct_series(tmp_path / "turned", z_positions(3), shuffle=False)
     ds = pydicom.dcmread(tmp_path / "turned" / "file002.dcm")
     ds.ImageOrientationPatient = [0.9998, 0.02, 0, -0.02, 0.9998, 0]
     ds.save_as(tmp_path / "turned" / "file002.dcm")
-    _, meta = load_series(tmp_path / "turned")
-    assert any("ImageOrientationPatient differs" in w for w in meta["warnings"])
+    with pytest.raises(DataError, match="ImageOrientationPatient differs"):  # never stacked
+        load_series(tmp_path / "turned")
     with pytest.raises(DataError, match="image series"):  # several series: the caller must choose
         load_series(tmp_path)
-    vol, meta = load_series(tmp_path, series_uid=turned)
-    assert meta["series_instance_uid"] == turned and vol.shape == (128, 128, 3)
+    vol, meta = load_series(tmp_path, series_uid=tilt)
+    assert meta["series_instance_uid"] == tilt and vol.shape == (128, 128, 3)
 
 
 def test_multiframe_file_loads_as_volume():

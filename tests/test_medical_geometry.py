@@ -29,6 +29,7 @@ nib = pytest.importorskip("nibabel")
 
 from pydicom.data import get_testdata_file  # noqa: E402
 
+from tfvision.errors import DataError  # noqa: E402
 from tfvision.medical.dicom_to_nifti import convert_series  # noqa: E402
 from tfvision.medical.rtstruct_to_labels import main as labels_main  # noqa: E402
 from tfvision.medical.series import load_series  # noqa: E402
@@ -406,3 +407,33 @@ def test_missing_slice_is_split_or_resampled_never_a_mean_step(tmp_path):
         record("CT missing slice", f"dcm2niix {nii.stem.split('_', 1)[-1]}".strip(),
                corner_error(expected if img.shape[2] == 5 else tag_corners(kept), affine_corners(img.affine,
                                                                                                   img.shape)))
+
+
+# ------------------------------------------------------ orientation groups
+
+
+def test_non_parallel_slices_are_written_as_separate_volumes(tmp_path):
+    # pydicom's MR700 is a real radial MR series: 7 planes turning about one axis, one SeriesInstanceUID.
+    # One affine cannot hold them, so each plane is its own volume.
+    folder = series_dir("98892003/MR700")
+    datasets = read_series(folder)
+    result = convert_series(sorted(folder.iterdir()), tmp_path / "out")
+    assert result["status"] == "ok" and len(result["outputs"]) == 7, result
+    assert sorted(Path(p).name.split("_")[-1] for p in result["outputs"]) == [f"orient{g}.nii.gz" for g in range(7)]
+    matched, errors = set(), []
+    for path in result["outputs"]:
+        img = nib.load(path)
+        per_plane = [corner_error(tag_corners([ds]), affine_corners(img.affine, img.shape)) for ds in datasets]
+        matched.add(int(np.argmin(per_plane)))
+        errors.append(min(per_plane))
+    assert matched == set(range(7))  # every plane written once, each where its own tags put it
+    assert record("MR radial, 7 planes in 1 series", "tfvision", max(errors)) < 1e-3
+    with pytest.raises(DataError, match="non-parallel planes are never stacked"):
+        load_series(folder)
+    dcm_errors = []
+    for nii in dcm2niix(folder, tmp_path / "dcm2niix"):  # dcm2niix splits too: one file per plane
+        img = nib.load(nii)
+        dcm_errors.append(min(corner_error(tag_corners([ds]), affine_corners(img.affine, img.shape[:3]))
+                              for ds in datasets))
+    if dcm_errors:
+        record("MR radial, 7 planes in 1 series", f"dcm2niix ({len(dcm_errors)} files)", max(dcm_errors))

@@ -24,12 +24,13 @@ import numpy as np
 
 from tfvision.errors import UserError
 from tfvision.fileio import claim_dir, safe_name
-from tfvision.medical.dicom import require
+from tfvision.medical.dicom import read_header, require
 from tfvision.medical.series import (
     DicomScan,
     find_dicom_files,
     load_series,
     load_series_runs,
+    orientation_groups,
     scan_dicom,
 )
 from tfvision.medical.spacing import UNEVEN_MODES
@@ -105,7 +106,8 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
     off the median by more than `tolerance`) are never written with a mean step:
     ``uneven="split"`` writes each evenly spaced run as ``<uid>_run<n>.nii.gz``,
     ``"resample"`` interpolates (linearly) onto an even grid; ``gaps`` reports
-    the gaps either way.
+    the gaps either way. Slices in different orientations (a localizer, a
+    radial series) are never stacked: each orientation is ``<uid>_orient<n>``.
 
     >>> convert_series(["CT/1.dcm", "CT/2.dcm"], "out")["status"]  # doctest: +SKIP
     'ok'
@@ -121,14 +123,19 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
         file), "outputs", "gaps", "unit" | "error", "warnings"}``.
     """
     try:
-        if uneven == "split":
-            parts = load_series_runs(files, tolerance=tolerance)
-        else:
-            parts = [load_series(files, uneven=uneven, tolerance=tolerance)]
+        # Non-parallel planes (localizers, radial MR) are never stacked: each orientation is its own volume.
+        groups = orientation_groups([read_header(f) for f in files])
+        parts = []
+        for g, group in enumerate(groups):
+            paths = [h["path"] for h in group]
+            runs = load_series_runs(paths, tolerance=tolerance) if uneven == "split" else [
+                load_series(paths, uneven=uneven, tolerance=tolerance)]
+            parts += [(volume, meta, (f"_orient{g}" if len(groups) > 1 else "")
+                       + (f"_run{meta['run']}" if len(runs) > 1 else "")) for volume, meta in runs]
         outputs = []
-        for volume, meta in parts:
+        for volume, meta, suffix in parts:
             uid = meta["series_instance_uid"]
-            name = safe_name(uid) + (f"_run{meta['run']}" if len(parts) > 1 else "")
+            name = safe_name(uid) + suffix
             target = Path(out_dir) / safe_name(meta["patient_id"]) / f"{name}.nii.gz"
             _write_volume(volume, meta, target)
             outputs.append(str(target))

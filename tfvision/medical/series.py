@@ -221,6 +221,29 @@ def spacing_warnings(positions: np.ndarray, rel_tol: float = 0.01, abs_tol: floa
             f"{bad.size} irregular gap(s): " + ", ".join(f"{gaps[k]:.3f} mm after slice {k}" for k in bad[:10])]
 
 
+def orientation_groups(headers: list[dict], tol: float = 1e-3) -> list[list[dict]]:
+    """Group slice headers whose ImageOrientationPatient agree within `tol` (cosines).
+
+    >>> [len(g) for g in orientation_groups([{"image_orientation_patient": [1, 0, 0, 0, 1, 0]}] * 2)]
+    [2]
+
+    Args:
+        headers: per-slice metas; a missing orientation joins the first group.
+        tol: largest difference of any direction cosine (1e-3 is about 0.06 degrees).
+
+    Returns:
+        Groups in order of first appearance, each keeping the input order.
+    """
+    groups: list[tuple[np.ndarray, list[dict]]] = []
+    for h in headers:
+        iop = np.asarray(h["image_orientation_patient"] or (groups[0][0] if groups else [1, 0, 0, 0, 1, 0]), float)
+        match = next((g for ref, g in groups if np.abs(iop - ref).max() <= tol), None)
+        if match is None:
+            groups.append((iop, match := []))
+        match.append(h)
+    return [g for _, g in groups]
+
+
 def series_geometry(headers: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
     """Validate one series and compute its ordering, shape and affine (no pixels read).
 
@@ -240,7 +263,8 @@ def series_geometry(headers: list[dict], tolerance: float = 0.01) -> dict[str, A
         (the slice step is not along the plane normal: gantry tilt) and ``warnings``.
 
     Raises:
-        DataError: empty or mixed series, differing image shapes, duplicate positions.
+        DataError: empty or mixed series, differing image shapes, duplicate
+            positions, non-parallel slices (see :func:`orientation_groups`).
     """
     if not headers:
         raise DataError("empty series")
@@ -259,8 +283,11 @@ def series_geometry(headers: list[dict], tolerance: float = 0.01) -> dict[str, A
     ordered, positions, warnings = order_slices(headers)
     first = ordered[0]
     iop = first["image_orientation_patient"] or [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    if any(np.abs(np.subtract(h["image_orientation_patient"] or iop, iop)).max() > 1e-3 for h in ordered):
-        warnings.append("ImageOrientationPatient differs between slices; the affine uses the first slice")
+    if len(groups := orientation_groups(ordered)) > 1:
+        # One NIfTI affine describes parallel planes only (PS3.3 C.7.6.2.1.1 gives each image its own).
+        raise DataError(f"series {first['series_instance_uid']}: ImageOrientationPatient differs between slices "
+                        f"({len(groups)} orientations, e.g. a localizer or radial series); non-parallel planes "
+                        f"are never stacked: convert each orientation group on its own (dicom_to_nifti does)")
     if len({tuple(h["pixel_spacing"] or ()) for h in ordered}) > 1:
         warnings.append("PixelSpacing differs between slices; the affine uses the first slice")
     pixel_spacing = first["pixel_spacing"] or [1.0, 1.0]
