@@ -323,6 +323,11 @@ class TrainConfig:
     tensorboard: bool = opt(True)
 
 
+def default_phases(cfg: Config) -> list[PhaseConfig]:
+    """The training phases: `train.phases`, or one phase training every layer."""
+    return cfg.train.phases or [PhaseConfig(epochs=cfg.train.epochs, trainable="all")]
+
+
 @dataclass(kw_only=True)
 class Config:
     task: Literal["classification", "multilabel", "segmentation", "instance_segmentation"] = opt(

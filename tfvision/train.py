@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tfvision import __version__
 from tfvision.cli import run_command
-from tfvision.config import PhaseConfig, json_schema, load_config
+from tfvision.config import json_schema, load_config
 from tfvision.errors import DataError
 from tfvision.run import load_run_config, new_run_dir, open_run
 
@@ -101,11 +101,7 @@ def _read_samples(cfg, run_dir: Path):
     return frame, table.missing
 
 
-def default_phases(cfg) -> list[PhaseConfig]:
-    return cfg.train.phases or [PhaseConfig(epochs=cfg.train.epochs, trainable="all")]
-
-
-__all__ = ["main", "train", "default_phases", "DataError", "__version__"]
+__all__ = ["main", "train", "DataError", "__version__"]
 
 if __name__ == "__main__":
     sys.exit(main())

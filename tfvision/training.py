@@ -23,7 +23,7 @@ from tfvision.callbacks import (
     monitor_mode,
     save_weights,
 )
-from tfvision.config import Config
+from tfvision.config import Config, default_phases
 from tfvision.data.inputs import FileInputs, check_data
 from tfvision.data.pipeline import PipelineSpec, steps_for
 from tfvision.data.tfrecord import RecordInputs
@@ -116,8 +116,6 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         model = task.build_model(cfg, len(class_names), norm)
     backbone = _backbone_of(model)
     pattern = get_spec(cfg.model.backbone).stage_pattern if backbone is not None else None
-    from tfvision.train import default_phases
-
     phases = default_phases(cfg)
     done = progress(run_dir)
     if done:
@@ -178,16 +176,6 @@ def _backbone_of(model: keras.Model):
         return model.get_layer("backbone")
     except ValueError:
         return None
-
-
-def predict_logits(model: keras.Model, dataset) -> np.ndarray:
-    """Logits for a dataset, through a compiled `tf.function` (about 2x `model.predict` on CPU)."""
-
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        return model(x, training=False)
-
-    return np.concatenate([step(batch[0]).numpy() for batch in dataset], axis=0)
 
 
 def finish(cfg, run_dir: Path, task, model, inputs):

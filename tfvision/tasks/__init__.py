@@ -5,9 +5,9 @@ metrics, formats batches for `fit`, and summarises validation predictions.
 The trainer only talks to this interface (Model Garden's Task idea).
 """
 
-from tfvision.registry import Registry
-
-TASKS = Registry("task")
+# The registry lives in base.py, below the task modules, so that they register
+# without importing this package back.
+from tfvision.tasks.base import TASKS
 
 
 def get_task(name: str, cfg=None):

@@ -6,6 +6,10 @@ import numpy as np
 import pandas as pd
 
 from tfvision.config import Config
+from tfvision.inference import predict_logits
+from tfvision.registry import Registry
+
+TASKS = Registry("task")
 
 
 class Task:
@@ -61,8 +65,6 @@ class Task:
 
     def score(self, model, dataset, inputs, split: str) -> dict:
         """Validation summary of `model` on `split` (metrics.json, keys without the val_ prefix)."""
-        from tfvision.training import predict_logits
-
         return self.summarize(inputs.targets(split), predict_logits(model, dataset), inputs.class_names)
 
     format_batch = None  # default (image, target[, weight])

@@ -11,8 +11,7 @@ from tfvision.config import Config
 from tfvision.errors import DataError
 from tfvision.losses import classification_loss
 from tfvision.models.heads import build_image_model
-from tfvision.tasks import TASKS
-from tfvision.tasks.base import Task
+from tfvision.tasks.base import TASKS, Task
 
 
 @TASKS.register("classification")

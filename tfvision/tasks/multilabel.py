@@ -22,8 +22,7 @@ from tfvision.data.sources import Y
 from tfvision.keras_metrics import MaskedAUC
 from tfvision.losses import multilabel_loss
 from tfvision.models.heads import build_image_model
-from tfvision.tasks import TASKS
-from tfvision.tasks.base import Task
+from tfvision.tasks.base import TASKS, Task
 
 
 def _apply(raw: np.ndarray, policy: str, smooth: float) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,7 @@ import pandas as pd
 
 from tfvision.config import Config
 from tfvision.errors import ConfigError
-from tfvision.tasks import TASKS
-from tfvision.tasks.base import Task
+from tfvision.tasks.base import TASKS, Task
 
 
 @TASKS.register("segmentation")
