@@ -98,3 +98,40 @@ def softmax(z, t=1.0):
     z = np.asarray(z, np.float64) / t
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- Dice / IoU oracle
+# Plain numpy counts over all pixels, independent of tfvision.seg_metrics (which is checked against it).
+
+
+def _overlaps(y_true, y_pred, num_classes, ignore_index):
+    t = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(y_pred).astype(np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} pixels, y_pred {p.size}")
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    t, p = t[keep], p[keep]
+    inter = np.bincount(t[t == p], minlength=num_classes)[:num_classes]
+    n_true = np.bincount(t, minlength=num_classes)[:num_classes]
+    n_pred = np.bincount(p[(p >= 0) & (p < num_classes)], minlength=num_classes)[:num_classes]
+    return inter, n_true, n_pred
+
+
+def dice_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -> list[float | None]:
+    """Dice of each class over all pixels of integer label arrays; None for an absent class.
+
+    >>> dice_per_class([0, 0, 1, 1], [0, 1, 1, 1], 3)
+    [0.666..., 0.8, None]
+    """
+    inter, n_true, n_pred = _overlaps(y_true_int, y_pred_int, num_classes, ignore_index)
+    den = n_true + n_pred
+    return [float(2 * i / d) if d else None for i, d in zip(inter, den, strict=True)]
+
+
+def iou_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -> list[float | None]:
+    """IoU of each class over all pixels of integer label arrays; None for an absent class."""
+    inter, n_true, n_pred = _overlaps(y_true_int, y_pred_int, num_classes, ignore_index)
+    union = n_true + n_pred - inter
+    return [float(i / u) if u else None for i, u in zip(inter, union, strict=True)]

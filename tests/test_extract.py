@@ -285,3 +285,20 @@ def test_tfrecord_shards_give_the_same_features_as_the_files(small_digits, tmp_p
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(direct / "features.npy"), rtol=1e-5, atol=1e-7)
     labels = np.load(out / "labels.npy")
     np.testing.assert_array_equal(labels, [meta["class_names"].index(v) for v in ids["label"]])
+
+
+def test_truncated_shard_stops_with_exit_2_naming_it(small_digits, tmp_path, capsys):
+    # extract reads shards through the trainer's reader, so it gets the same truncation check.
+    convert = pytest.importorskip("tfvision.convert")
+    from tests.test_tfrecord import write_config
+    from tfvision.config import load_config
+
+    shards = tmp_path / "shards"
+    convert.convert(load_config(write_config(small_digits, tmp_path)), shards, shard_mb=0.03, gzip=False,
+                    progress=False)
+    shard = sorted(shards.glob("val-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert main(["--backbone", "small_cnn", "--weights", "null", "--image-size", "32", "--input", str(shards),
+                 "--split", "val", "--output", str(tmp_path / "o"), "--engine", "keras"]) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "truncated" in err

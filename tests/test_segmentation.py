@@ -69,8 +69,8 @@ def test_volumes_become_integer_slices_with_patient_groups(mni, tmp_path):
 
 
 def test_unet_learns_the_brain_mask_and_writes_a_nifti(mni, tmp_path):
+    from tests.eval_helpers import dice_per_class
     from tfvision.medical.volume_inference import predict_volume
-    from tfvision.seg_metrics import dice_per_class
     from tfvision.train import main
 
     run = tmp_path / "run"

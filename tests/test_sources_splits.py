@@ -122,3 +122,31 @@ def test_preassigned_splits_are_kept():
     frame.loc[:49, "split"] = "val"
     out = assign_splits(frame, SplitConfig(), seed=0)
     assert (out.loc[:49, "split"] == "val").all() and (out.loc[50:, "split"] == "train").all()
+
+
+def test_image_files_is_the_one_listing(tmp_path):
+    # Every command lists images through this: by suffix in any case (DICOM too), sorted,
+    # hidden files and folders left out, recursion optional.
+    from tfvision.data.sources import IMAGE_SUFFIXES, image_files
+
+    assert ".dcm" in IMAGE_SUFFIXES
+    for rel in ["b.JPG", "a.png", "x.dcm", "notes.txt", ".hidden.jpg", "sub/c.jpeg", ".git/d.png", "sub/._e.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "dir.jpg").mkdir()  # a folder named like an image is not one
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == [
+        "a.png", "b.JPG", "sub/c.jpeg", "x.dcm"]
+    assert [p.name for p in image_files(tmp_path, recursive=False)] == ["a.png", "b.JPG", "x.dcm"]
+
+
+def test_builtin_datasets_use_the_registry_type(monkeypatch):
+    from tfvision.data import builtin
+    from tfvision.registry import Registry
+
+    assert isinstance(builtin.PREPARERS, Registry) and "sklearn_digits" in builtin.PREPARERS
+    with pytest.raises(KeyError, match="did you mean 'sklearn_digits'"):
+        builtin.PREPARERS.get("sklearn_digit")
+    monkeypatch.setitem(builtin.PREPARERS, "probe", print)  # how tests stand in a preparer
+    assert builtin.PREPARERS.get("probe") is print
+    monkeypatch.undo()
+    assert "probe" not in builtin.PREPARERS

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import f1_score, jaccard_score
 
+from tests.eval_helpers import dice_per_class, iou_per_class
 from tfvision.errors import ConfigError
 from tfvision.models.backbones import (
     TORCH_STYLE,
@@ -36,7 +37,7 @@ from tfvision.seg_losses import (
     pixel_class_counts,
     segmentation_class_weights,
 )
-from tfvision.seg_metrics import DiceScore, IoUScore, dice_per_class, iou_per_class, macro
+from tfvision.seg_metrics import DiceScore, IoUScore, macro
 
 GREY = InputNorm((127.5,), (127.5,))
 RNG = np.random.default_rng(0)
@@ -363,3 +364,25 @@ def test_tiny_unet_overfits_four_real_slices():
     pred = np.asarray(model(x)).argmax(-1)
     dice = dice_per_class(y, pred, 2)
     assert min(dice) > 0.9, dice
+
+
+def test_segmentation_score_matches_the_numpy_oracle_over_batches():
+    # Task.score's Dice/IoU are the training metrics, accumulated over the whole split.
+    from types import SimpleNamespace
+
+    from tfvision.tasks import get_task
+
+    k, names = 4, ["bg", "a", "b", "never"]
+    masks = RNG.choice(3, size=(6, 9, 7))  # class 3 is neither in the truth nor predicted
+    logits = RNG.normal(size=(6, 9, 7, k)).astype("float32")
+    logits[..., 3] -= 10.0
+    inp = keras.Input((9, 7, k))
+    model = keras.Model(inp, keras.layers.Identity()(inp))
+    dataset = tf.data.Dataset.from_tensor_slices((logits, masks)).batch(4)  # 4 + 2: two batches
+    got = get_task("segmentation").score(model, dataset, SimpleNamespace(class_names=names), "val")
+    t, p = masks.ravel(), logits.argmax(-1).ravel()
+    want_dice, want_iou = dice_per_class(t, p, k), iou_per_class(t, p, k)
+    assert want_dice[3] is None and got["dice_per_class"]["never"] is None and got["iou_per_class"]["never"] is None
+    assert list(got["dice_per_class"].values())[:3] == pytest.approx(want_dice[:3], rel=1e-6)
+    assert list(got["iou_per_class"].values())[:3] == pytest.approx(want_iou[:3], rel=1e-6)
+    assert got["dice_macro"] == pytest.approx(np.mean(want_dice[:3]), rel=1e-6)

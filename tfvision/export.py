@@ -57,40 +57,21 @@ from tfvision.errors import DataError, UserError
 from tfvision.fileio import (
     check_output_outside,
     claim_dir,
-    read_json,
     replace_dir,
     temp_dir_beside,
     write_json,
     write_text,
 )
+from tfvision.run import read_run
 
 REPORT = "export_report.json"  # written last: marks a folder as a finished export of ours
 log = logging.getLogger("tfvision.export")
 
 FORMATS = ("savedmodel", "onnx", "tflite")
 THRESHOLDS = {"float32": 1e-4, "float16": 1e-2, "dynamic": 0.15}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def read_run(run_dir: Path) -> dict:
-    """run.json plus the fitted temperature (calibration.json) and decision rule (thresholds.json)."""
-    run_dir = Path(run_dir)
-    for name in ("run.json", "checkpoints/best.keras"):
-        if not (run_dir / name).is_file():
-            raise UserError(f"{run_dir}: not a finished run folder (no {name})")
-    info = read_json(run_dir / "run.json")
-    calibration = run_dir / "calibration.json"
-    info["temperature"] = float(read_json(calibration).get("temperature", 1.0)) if calibration.is_file() else 1.0
-    if not info["temperature"] > 0:
-        raise UserError(f"{calibration}: temperature must be > 0, got {info['temperature']}")
-    thresholds = run_dir / "thresholds.json"
-    info["decision"] = read_json(thresholds) if thresholds.is_file() else None
-    if info["activation"] not in ("softmax", "sigmoid"):
-        raise UserError(f"{run_dir / 'run.json'}: activation {info['activation']!r} is not supported")
-    return info
 
 
 def load_float32_model(run_dir: Path):
@@ -191,7 +172,9 @@ def verification_images(run_dir: Path, images: str | None, n: int) -> list[str]:
     if images:
         p = Path(images)
         if p.is_dir():
-            paths = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            from tfvision.data.sources import image_files
+
+            paths = [str(f) for f in image_files(p)]
         elif p.suffix.lower() == ".csv":
             frame = pd.read_csv(p, dtype=str, keep_default_na=False)
             if "path" not in frame:

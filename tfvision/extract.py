@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from tfvision import __version__
+from tfvision.data.sources import IMAGE_SUFFIXES, image_files
 from tfvision.errors import DataError, UserError
 from tfvision.fileio import (
     atomic_path,
@@ -60,7 +61,6 @@ from tfvision.fileio import (
 MARKER = "metadata.json"
 log = logging.getLogger("tfvision.extract")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TSNE_MAX_POINTS = 5000
 # ONNX Runtime engine: images per session call, as pixels (see `onnx_engine`).
 ORT_PIXELS_PER_CALL = 4 * 224 * 224
@@ -113,10 +113,9 @@ def list_csv(path: Path, path_column: str, label_column: str | None, id_column: 
 
 def list_folder(root: Path) -> Listing:
     """root/*.jpg (no labels) or root/<class>/**/*.jpg (labels: the folder names)."""
-    top = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    nested = [(c.name, sorted(f for f in c.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
-              for c in classes]
+    top = image_files(root, recursive=False)
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    nested = [(c.name, image_files(c)) for c in classes]
     nested = [(c, files) for c, files in nested if files]
     if top and nested:
         raise DataError(f"{root}: images both at the top and in class folders; use one layout or a CSV")
@@ -275,23 +274,21 @@ def _elements_from_listing(listing: Listing):
 
 def _elements_from_records(root: Path, splits: list[str]):
     """(elements, n, class_names, task) from a shard folder; every record carries its id."""
-    try:
-        from tfvision.data import features as F
-        from tfvision.data.tfrecord import read_manifest
-    except ImportError:
-        raise DataError(f"{root}: TFRecord input is not supported yet by this tfvision "
-                        "(tfvision.data.tfrecord is missing); pass a CSV or an image folder") from None
     import tensorflow as tf
 
+    from tfvision.data import features as F
+    from tfvision.data.tfrecord import check_shards, read_manifest, shard_records
+
     manifest = read_manifest(str(root))
-    names = [s["name"] for s in manifest["shards"] if s["name"].split("-", 1)[0] in splits]
+    check_shards(str(root), manifest)
+    shards = [s for s in manifest["shards"] if s["name"].split("-", 1)[0] in splits]
     n = sum(int(manifest["counts"].get(s, 0)) for s in splits)
-    if not names:
+    if not shards:
         raise DataError(f"{root}: no {'/'.join(splits)} shards")
     spec = F.parse_spec(manifest["num_classes"], has_known=manifest["has_known"], has_eval=manifest["has_eval"],
                         has_mask=manifest["has_mask"], keys=(F.ENCODED, F.ID, F.TARGET))
-    compression = "GZIP" if manifest.get("compression") == "GZIP" else ""
-    records = tf.data.TFRecordDataset([str(root / x) for x in names], compression)
+    # cycle_length=1: shard after shard, the order `convert` wrote (and ids.csv lists).
+    records = shard_records(str(root), manifest, shards, cycle_length=1)
 
     def element(row, record):
         p = tf.io.parse_single_example(record, spec)

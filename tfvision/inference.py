@@ -28,9 +28,9 @@ from tfvision.config import AugmentParams
 from tfvision.data.check import check_files
 from tfvision.data.pipeline import PipelineSpec, from_elements
 from tfvision.errors import UserError
-from tfvision.fileio import read_json
 from tfvision.models import layers as _layers  # noqa: F401  (registers tfvision layers for loading)
 from tfvision.models import unet_blocks as _unet_blocks  # noqa: F401  (U-Net checkpoints: PadToMultiple, CropTo)
+from tfvision.run import read_run
 
 # --------------------------------------------------------------------------- TTA views
 CROP = 0.875  # side fraction of the five crops (the classic 224-of-256)
@@ -103,9 +103,15 @@ class LoadedRun:
 
     run_dir: Path
     model: keras.Model
-    info: dict  # run.json
-    temperature: float = 1.0
-    decision: dict | None = None  # thresholds.json
+    info: dict  # `run.read_run`: run.json plus temperature and decision
+
+    @property
+    def temperature(self) -> float:
+        return self.info["temperature"]
+
+    @property
+    def decision(self) -> dict | None:
+        return self.info["decision"]  # thresholds.json
 
     @property
     def task(self) -> str:
@@ -135,17 +141,10 @@ def load_run(run_dir, checkpoint: str = "best") -> LoadedRun:
         UserError: not a finished run folder.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "checkpoints" / f"{checkpoint}.keras"
-    for p in (run_dir / "run.json", path):
-        if not p.is_file():
-            raise UserError(f"{run_dir}: not a finished run folder (no {p.relative_to(run_dir)})")
+    info = read_run(run_dir, checkpoint)
     # compile=False: inference only. safe_mode stays on: models hold only registered layers.
-    model = keras.saving.load_model(path, compile=False)
-    cal = run_dir / "calibration.json"
-    th = run_dir / "thresholds.json"
-    return LoadedRun(run_dir, model, read_json(run_dir / "run.json"),
-                     temperature=float(read_json(cal)["temperature"]) if cal.is_file() else 1.0,
-                     decision=read_json(th) if th.is_file() else None)
+    model = keras.saving.load_model(run_dir / "checkpoints" / f"{checkpoint}.keras", compile=False)
+    return LoadedRun(run_dir, model, info)
 
 
 def activate(logits, activation: str, temperature: float = 1.0) -> np.ndarray:

@@ -32,8 +32,6 @@ from tfvision.errors import UserError
 
 log = logging.getLogger("tfvision.predict")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -64,15 +62,16 @@ def main(argv=None) -> int:
 
 
 def list_images(folder) -> list[str]:
-    """Image files under `folder` (recursive, sorted; hidden files skipped)."""
+    """`--input-dir`'s image files (recursive, sorted; hidden files skipped)."""
+    from tfvision.data.sources import IMAGE_SUFFIXES, image_files
+
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--input-dir: {root} is not a folder")
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files = image_files(root)
     if not files:
         raise UserError(f"--input-dir: no {'/'.join(sorted(IMAGE_SUFFIXES))} files under {root}")
-    return [str(p) for p in sorted(files)]
+    return [str(p) for p in files]
 
 
 def predict(args) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from tfvision.config import Config, config_from_dict
-from tfvision.errors import ConfigError
+from tfvision.errors import ConfigError, UserError
 from tfvision.fileio import ours_or_absent, read_json, write_json
 
 
@@ -69,6 +69,36 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.exists():
         raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
     return config_from_dict(read_json(path), str(path))
+
+
+def read_run(run_dir: Path, checkpoint: str = "best") -> dict:
+    """A finished run's run.json, plus its fitted temperature and decision rule; no TensorFlow.
+
+    Args:
+        run_dir: the run folder.
+        checkpoint: the checkpoint that must exist (``checkpoints/<checkpoint>.keras``).
+
+    Returns:
+        run.json's dict with ``temperature`` (calibration.json, else 1.0) and
+        ``decision`` (thresholds.json, else None) added.
+
+    Raises:
+        UserError: not a finished run folder, or a temperature or activation it cannot use.
+    """
+    run_dir = Path(run_dir)
+    for name in ("run.json", f"checkpoints/{checkpoint}.keras"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: not a finished run folder (no {name})")
+    info = read_json(run_dir / "run.json")
+    calibration = run_dir / "calibration.json"
+    info["temperature"] = float(read_json(calibration).get("temperature", 1.0)) if calibration.is_file() else 1.0
+    if not info["temperature"] > 0:
+        raise UserError(f"{calibration}: temperature must be > 0, got {info['temperature']}")
+    thresholds = run_dir / "thresholds.json"
+    info["decision"] = read_json(thresholds) if thresholds.is_file() else None
+    if info["activation"] not in ("softmax", "sigmoid"):
+        raise UserError(f"{run_dir / 'run.json'}: activation {info['activation']!r} is not supported")
+    return info
 
 
 def write_splits(run_dir: Path, frame: pd.DataFrame) -> None:

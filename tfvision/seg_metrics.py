@@ -6,8 +6,9 @@ a mean of per-batch values.
 
 Absent classes: a class that appears in neither truth nor prediction has no
 defined Dice or IoU (0/0). Reporting 1 would reward a model for classes the
-data never tested, and 0 would punish it; the numpy functions return None and
-the Keras metrics NaN for such a class, and the macro means skip it.
+data never tested, and 0 would punish it; the Keras metrics give NaN for such a
+class (`Segmentation.score` reports None), and the macro means skip it. These
+metrics are the one Dice/IoU: training logs them and evaluation reads them.
 """
 
 from __future__ import annotations
@@ -129,39 +130,6 @@ def per_class_metrics(num_classes: int, class_names=None, ignore_index=None,
         out.append(DiceScore(num_classes, k, ignore_index, name=f"dice_{n}"))
         out.append(IoUScore(num_classes, k, ignore_index, name=f"iou_{n}"))
     return out
-
-
-def _overlaps(y_true, y_pred, num_classes, ignore_index):
-    t = np.asarray(y_true).astype(np.int64).ravel()
-    p = np.asarray(y_pred).astype(np.int64).ravel()
-    if t.shape != p.shape:
-        raise ValueError(f"y_true has {t.size} pixels, y_pred {p.size}")
-    keep = (t >= 0) & (t < num_classes)
-    if ignore_index is not None:
-        keep &= t != ignore_index
-    t, p = t[keep], p[keep]
-    inter = np.bincount(t[t == p], minlength=num_classes)[:num_classes]
-    n_true = np.bincount(t, minlength=num_classes)[:num_classes]
-    n_pred = np.bincount(p[(p >= 0) & (p < num_classes)], minlength=num_classes)[:num_classes]
-    return inter, n_true, n_pred
-
-
-def dice_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -> list[float | None]:
-    """Dice of each class over all pixels of integer label arrays; None for an absent class.
-
-    >>> dice_per_class([0, 0, 1, 1], [0, 1, 1, 1], 3)
-    [0.666..., 0.8, None]
-    """
-    inter, n_true, n_pred = _overlaps(y_true_int, y_pred_int, num_classes, ignore_index)
-    den = n_true + n_pred
-    return [float(2 * i / d) if d else None for i, d in zip(inter, den, strict=True)]
-
-
-def iou_per_class(y_true_int, y_pred_int, num_classes: int, ignore_index=None) -> list[float | None]:
-    """IoU of each class over all pixels of integer label arrays; None for an absent class."""
-    inter, n_true, n_pred = _overlaps(y_true_int, y_pred_int, num_classes, ignore_index)
-    union = n_true + n_pred - inter
-    return [float(i / u) if u else None for i, u in zip(inter, union, strict=True)]
 
 
 def macro(values, include_background=True) -> float | None:

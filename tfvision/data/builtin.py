@@ -11,19 +11,12 @@ import os
 from pathlib import Path
 
 from tfvision.fileio import build_dir
+from tfvision.registry import Registry
 
-PREPARERS = {}
-
-
-def _register(name):
-    def wrap(fn):
-        PREPARERS[name] = fn
-        return fn
-
-    return wrap
+PREPARERS = Registry("built-in dataset")
 
 
-@_register("sklearn_digits")
+@PREPARERS.register("sklearn_digits")
 def sklearn_digits(root: Path, size: int = 32) -> None:
     import numpy as np
     from PIL import Image
@@ -51,7 +44,7 @@ def prepare(name: str, root: str | os.PathLike) -> Path:
             marker): it is the user's data, so it is neither replaced nor written into.
     """
     def build(tmp: Path):
-        PREPARERS[name](tmp)
+        PREPARERS.get(name)(tmp)
         (tmp / MARKER).write_text(name + "\n")
 
     return build_dir(root, build, MARKER, refusal(name, root))

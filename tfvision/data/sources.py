@@ -30,8 +30,29 @@ from tfvision.errors import DataError
 from tfvision.registry import Registry
 
 SOURCES = Registry("data source")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+# What `decode.decode_resized` reads (DICOM through pydicom); every command lists images with these.
+IMAGE_SUFFIXES = (".bmp", ".dcm", ".gif", ".jpeg", ".jpg", ".png")
 SPLIT_NAMES = ("train", "val", "test")
+
+
+def image_files(folder, recursive: bool = True) -> list[Path]:
+    """Image files in `folder` by suffix (any case), sorted; hidden files and folders skipped.
+
+    >>> image_files("data/train/cat")  # doctest: +SKIP
+    [PosixPath('data/train/cat/001.jpg'), PosixPath('data/train/cat/sub/002.png')]
+
+    Args:
+        folder: the folder to list.
+        recursive: also list subfolders, at any depth.
+
+    Returns:
+        The paths, sorted; empty when the folder holds no image.
+    """
+    root = Path(folder)
+    found = root.rglob("*") if recursive else root.iterdir()
+    # Hidden entries are editor, OS or sync debris (macOS ._x.jpg resource forks are not images).
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 @dataclasses.dataclass
@@ -184,8 +205,8 @@ def ham10000_source(data: DataConfig) -> SampleTable:
     dirs = [root / d for d in data.image_dirs] or [root]
     index: dict[str, str] = {}
     for d in dirs:
-        for p in d.rglob("ISIC_*"):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
+        for p in image_files(d):
+            if p.name.startswith("ISIC_"):
                 index.setdefault(p.stem, str(p))
     paths = frame["image_id"].map(lambda i: index.get(i, str(dirs[0] / f"{i}.jpg")))
     out = pd.DataFrame(
@@ -207,9 +228,7 @@ def folders_source(data: DataConfig) -> SampleTable:
     rows = []
     for split, base in split_dirs:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            for p in sorted(class_dir.rglob("*")):
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                    rows.append((str(p), class_dir.name, str(p), split))
+            rows += [(str(p), class_dir.name, str(p), split) for p in image_files(class_dir)]
     if not rows:
         raise DataError(f"data.root: no images in class folders under {root}")
     return SampleTable(pd.DataFrame(rows, columns=["path", "label", "group", "split"]))

@@ -314,6 +314,45 @@ def _shard_records(path: tf.Tensor, expected: tf.Tensor, compression: str) -> tf
             .filter(lambda r: tf.strings.length(r) > 0))
 
 
+def check_shards(root: str, manifest: dict) -> None:
+    """Every shard the manifest lists exists with its listed size (cheap: no shard is read).
+
+    Raises:
+        DataError: a shard is missing, truncated or replaced.
+    """
+    for shard in manifest["shards"]:
+        path = join(root, shard["name"])
+        try:
+            size = tf.io.gfile.stat(path).length
+        except tf.errors.NotFoundError:
+            raise DataError(f"{path}: shard listed in {MANIFEST} is missing") from None
+        if size != shard["bytes"]:
+            raise DataError(f"{path}: {size} bytes, {MANIFEST} says {shard['bytes']} (truncated or "
+                            f"replaced); run python -m tfvision.convert --verify {root}")
+
+
+def shard_records(root: str, manifest: dict, shards: list[dict], *, shuffle_seed: int | None = None,
+                  cycle_length: int = CYCLE_LENGTH, deterministic: bool = True) -> tf.data.Dataset:
+    """The records of `shards` (manifest entries), each shard checked for its record count.
+
+    Args:
+        root: the shard folder.
+        manifest: its `read_manifest`.
+        shards: the manifest entries to read.
+        shuffle_seed: shuffle the shard order with this seed (training); None keeps it.
+        cycle_length: shards read at once, one record from each in turn; 1 reads them in order.
+        deterministic: keep the interleaved order fixed.
+    """
+    files = [join(root, s["name"]) for s in shards]
+    compression = "GZIP" if manifest.get("compression") == "GZIP" else ""
+    ds = tf.data.Dataset.from_tensor_slices((files, [s["records"] for s in shards]))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.interleave(lambda f, n: _shard_records(f, tf.cast(n, tf.int64), compression),
+                         cycle_length=max(1, min(len(files), cycle_length)), block_length=1,
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
 def worker_slice() -> tuple[int, int]:
     """(workers, this worker's index) of a multi-worker cluster in TF_CONFIG (chief first,
     as MultiWorkerMirroredStrategy numbers them); (1, 0) on one machine."""
@@ -357,20 +396,8 @@ class RecordInputs(Inputs):
         if not self.sizes["train"] or not self.sizes["val"]:
             raise DataError(f"{join(self.root, MANIFEST)}: the train or val split has no records")
         self.shards = {s: [sh for sh in m["shards"] if sh["name"].startswith(f"{s}-")] for s in SPLITS}
-        self._check_files()
+        check_shards(self.root, m)
         self._targets: dict[str, np.ndarray] = {}
-
-    def _check_files(self):
-        """Every listed shard exists with its manifest size (cheap: no shard is read)."""
-        for shard in self.manifest["shards"]:
-            path = join(self.root, shard["name"])
-            try:
-                size = tf.io.gfile.stat(path).length
-            except tf.errors.NotFoundError:
-                raise DataError(f"{path}: shard listed in {MANIFEST} is missing") from None
-            if size != shard["bytes"]:
-                raise DataError(f"{path}: {size} bytes, {MANIFEST} says {shard['bytes']} (truncated or "
-                                f"replaced); run python -m tfvision.convert --verify {self.root}")
 
     def _records(self, split: str, *, training: bool, deterministic: bool, seed: int = 0,
                  worker: tuple[int, int] = (1, 0)):
@@ -381,14 +408,7 @@ class RecordInputs(Inputs):
         if not shards:
             raise DataError(f"{self.root}: {len(self.shards[split])} {split} shard(s) for {count} workers; "
                             f"convert with a smaller --shard-mb so that every worker gets one")
-        files = [join(self.root, s["name"]) for s in shards]
-        compression = "GZIP" if self.manifest.get("compression") == "GZIP" else ""
-        ds = tf.data.Dataset.from_tensor_slices((files, [s["records"] for s in shards]))
-        if training:
-            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        return ds.interleave(lambda f, n: _shard_records(f, tf.cast(n, tf.int64), compression),
-                             cycle_length=min(len(files), CYCLE_LENGTH), block_length=1,
-                             num_parallel_calls=tf.data.AUTOTUNE,
+        return shard_records(self.root, self.manifest, shards, shuffle_seed=seed if training else None,
                              deterministic=deterministic or not training)
 
     def _elements(self, split: str, *, training: bool, deterministic: bool, seed: int = 0,

@@ -119,33 +119,25 @@ class Segmentation(Task):
         return batch["image"], y
 
     def score(self, model, dataset, inputs, split) -> dict:
-        """Per-class Dice and IoU over the whole split, accumulated per batch."""
+        """Per-class Dice and IoU over the whole split, accumulated per batch (the training metrics)."""
         import tensorflow as tf
 
-        from tfvision.seg_metrics import macro
+        from tfvision.seg_metrics import DiceScore, IoUScore, macro
 
         k = len(inputs.class_names)
-        confusion = np.zeros((k, k), np.int64)
+        scores = [DiceScore(k), IoUScore(k)]
 
         @tf.function(reduce_retracing=True)
-        def predict(x):
+        def update(x, y):
             out = model(x, training=False)
             out = out[0] if isinstance(out, (list, tuple)) else out["logits"] if isinstance(out, dict) else out
-            return tf.argmax(out, axis=-1, output_type=tf.int32)
+            for m in scores:
+                m.update_state(y, out)
 
         for x, y in dataset:
-            y = y["logits"] if isinstance(y, dict) else y
-            t = np.asarray(y).reshape(-1)
-            p = predict(x).numpy().reshape(-1)
-            ok = (t >= 0) & (t < k)
-            confusion += np.bincount(t[ok] * k + p[ok], minlength=k * k).reshape(k, k)
-        inter = np.diag(confusion).astype(np.float64)
-        actual, predicted = confusion.sum(1), confusion.sum(0)
-        present = (actual + predicted) > 0  # a class absent from truth and prediction is not scored
-        dice = [float(2 * i / (a + p)) if ok else None for i, a, p, ok in zip(inter, actual, predicted, present,
-                                                                               strict=True)]
-        iou = [float(i / (a + p - i)) if ok else None for i, a, p, ok in zip(inter, actual, predicted, present,
-                                                                               strict=True)]
+            update(x, y["logits"] if isinstance(y, dict) else y)
+        # NaN: the class is absent from truth and prediction, so it is not scored.
+        dice, iou = ([None if np.isnan(v) else float(v) for v in np.asarray(m.per_class())] for m in scores)
         names = inputs.class_names
         return {"dice_macro": macro(dice), "dice_per_class": dict(zip(names, dice, strict=True)),
                 "iou_macro": macro(iou), "iou_per_class": dict(zip(names, iou, strict=True))}
