@@ -76,7 +76,7 @@ EVAL_METRICS = {  # eval/val/metrics.json keys per task, written by evaluate
     "multilabel": {"roc_auc_macro", "pr_auc_macro", "macro_f1", "per_class"},
     "segmentation": {"dice_macro", "dice_per_class", "iou_macro", "iou_per_class"},
 }
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # the layouts' images, listed here independently of tfvision (the oracle)
 
 
 def shipped(name: str) -> dict:
