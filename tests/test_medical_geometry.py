@@ -437,3 +437,75 @@ def test_non_parallel_slices_are_written_as_separate_volumes(tmp_path):
                               for ds in datasets))
     if dcm_errors:
         record("MR radial, 7 planes in 1 series", f"dcm2niix ({len(dcm_errors)} files)", max(dcm_errors))
+
+
+# ------------------------------------------------------------ Siemens MOSAIC
+
+
+NIBABEL_DATA = Path(nib.__file__).parent / "nicom" / "tests" / "data"
+
+
+def siemens_dwi(folder: Path, *b_values: int) -> list[Path]:
+    """nibabel's real Siemens DWI mosaics (48 slices of 128x128 tiled in 896x896), unzipped into `folder`."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for b in b_values:
+        src = NIBABEL_DATA / f"siemens_dwi_{b}.dcm.gz"
+        if not src.is_file():
+            pytest.skip(f"nibabel test file {src.name} not installed")
+        out.append(folder / f"dwi_{b}.dcm")
+        out[-1].write_bytes(gzip.decompress(src.read_bytes()))
+    return out
+
+
+def mosaic_oracle(path: Path):
+    """nibabel's MosaicWrapper: the [8, 3] RAS corners of the unpacked volume, and its data [row, column, slice]."""
+    import warnings
+
+    with warnings.catch_warnings():  # nibabel warns on import that its DICOM readers are experimental
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import dicomwrappers
+    wrapper = dicomwrappers.wrapper_from_data(pydicom.dcmread(path))
+    assert type(wrapper).__name__ == "MosaicWrapper"
+    lps = affine_corners(wrapper.affine, wrapper.image_shape)  # nibabel's affine is LPS, (row, column, slice)
+    return lps * LPS_TO_RAS, wrapper.get_data()
+
+
+def test_siemens_mosaic_is_unpacked_into_slices(tmp_path):
+    (path,) = siemens_dwi(tmp_path / "in", 0)
+    # nibabel ships these files with zeroed pixels; a pattern (tile number * 100 + row % 100) shows which
+    # tile lands in which slice. Geometry and every other tag are the scanner's.
+    ds = pydicom.dcmread(path)
+    rows = np.arange(ds.Rows)[:, None] % 128 % 100 + 100 * (np.arange(ds.Rows)[:, None] // 128 * 7
+                                                             + np.arange(ds.Columns)[None, :] // 128)
+    ds.PixelData = rows.astype(np.uint16).tobytes()
+    ds.save_as(path)
+    expected, oracle = mosaic_oracle(path)
+    error, out = tfvision_error("Siemens MOSAIC (DWI, 48 slices)", [path], tmp_path / "out", expected)
+    assert error < 1e-3
+    img = nib.load(out)
+    assert img.shape == (128, 128, 48)
+    np.testing.assert_array_equal(np.asarray(img.dataobj).transpose(1, 0, 2), oracle)
+    side = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())
+    assert side["mosaic"] == 48
+    sitk_nifti_error("Siemens MOSAIC (DWI, 48 slices)", out, expected)
+    sitk_dicom_error("Siemens MOSAIC (DWI, 48 slices)", tmp_path / "in", expected)  # GDCM keeps the tiled image
+    for nii in dcm2niix(tmp_path / "in", tmp_path / "dcm2niix"):
+        got = nib.load(nii)
+        assert got.shape == (128, 128, 48)
+        assert record("Siemens MOSAIC (DWI, 48 slices)", "dcm2niix",
+                      corner_error(expected, affine_corners(got.affine, got.shape))) < 1e-2
+
+
+def test_siemens_mosaic_without_its_slice_count_is_refused(tmp_path):
+    (path,) = siemens_dwi(tmp_path / "in", 0)
+    ds = pydicom.dcmread(path)
+    for tag in [(0x0029, 0x1010), (0x0029, 0x1020), (0x0019, 0x100A)]:  # the CSA headers, NumberOfImagesInMosaic
+        if tag in ds:
+            del ds[tag]
+    ds.save_as(path)
+    result = convert_series([path], tmp_path / "out")
+    assert result["status"] == "failed" and "NumberOfImagesInMosaic" in result["error"], result
+    assert not (tmp_path / "out").exists()  # never a tiled image

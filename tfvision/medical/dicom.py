@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tfvision.errors import DataError
+from tfvision.medical.mosaic import mosaic_meta
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ _HINTS = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg (a release with HTJ2K support)",
     "1.2.840.10008.1.2.5": "pylibjpeg-rle",
 }
+# header meta key -> tag that numbers the acquisitions sharing one series (PS3.3 C.7.6.1, C.8.3.1, C.7.6.2).
+ACQUISITION_TAGS = {"echo_number": "EchoNumbers", "temporal_position": "TemporalPositionIdentifier",
+                    "acquisition_number": "AcquisitionNumber"}
 # MPEG-2/4, H.264, HEVC: video streams pydicom cannot decode at all.
 _VIDEO = {f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)}
 _NO_DECODER = (
@@ -118,6 +122,16 @@ def _has_pixels(ds) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
+def _first_int(value) -> int | None:
+    """An IS tag as one int (EchoNumbers may hold several values: the first), None when empty."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def _floats(value) -> list[float] | None:
     return None if value is None else [float(v) for v in value]
 
@@ -172,6 +186,9 @@ def header_meta(ds, path: str | Path) -> dict[str, Any]:
         ),
         "frame_positions": per_frame or None,
         "grid_frame_offsets": _floats(ds.get("GridFrameOffsetVector")),
+        # What tells two acquisitions at the same positions apart (see series.acquisition_groups).
+        **{key: _first_int(ds.get(tag)) for key, tag in ACQUISITION_TAGS.items()},
+        **mosaic_meta(ds),
         "transfer_syntax": None if ts is None else f"{ts.name} ({ts})",
         # Header scans stop before the pixels, so image-ness is judged by Rows.
         "is_image": "Rows" in ds or _has_pixels(ds),

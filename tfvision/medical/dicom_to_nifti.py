@@ -39,7 +39,7 @@ _SCAN_CHUNK = 256  # files per header-scan task: big enough to amortise process 
 REPORT = "conversion_report.json"  # written last; marks a folder a conversion made
 _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", "patient_id", "modality",
          "series_number", "spacing", "shape", "axes", "image_orientation_patient", "image_position_patient",
-         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "sheared", "warnings", "files")
+         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "sheared", "mosaic", "warnings", "files")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from tfvision.errors import DataError
 from tfvision.medical.dicom import DicomError, read_dicom, read_header
+from tfvision.medical.mosaic import tile_headers, untile
 from tfvision.medical.spacing import (
     UNEVEN_MODES,
     even_grid,
@@ -277,6 +278,14 @@ def series_geometry(headers: list[dict], tolerance: float = 0.01) -> dict[str, A
         if len(headers) > 1:
             raise DataError(f"series {uids.pop()} mixes a multi-frame file with other files")
         headers = _frame_headers(headers[0])
+    if any(h.get("mosaic") is not None and "tile" not in h for h in headers):
+        if len(headers) > 1:  # each MOSAIC file is a whole volume: several are acquisitions, split them first
+            raise DataError(f"series {uids.pop()}: {len(headers)} MOSAIC files given as one volume; each is a "
+                            f"volume of its own (see acquisition_groups)")
+        try:
+            headers = tile_headers(headers[0])
+        except ValueError as e:
+            raise DataError(str(e)) from None
     shapes = Counter((h["rows"], h["columns"]) for h in headers)
     if len(shapes) > 1:
         raise DataError(f"series {headers[0]['series_instance_uid']}: slices differ in size {dict(shapes)}")
@@ -334,6 +343,9 @@ def _stack(geo: dict) -> tuple[np.ndarray, dict[str, Any]]:
     if "frame" in ordered[0]:  # one multi-frame file: decode once, pick frames in order
         frames, m = read_dicom(ordered[0]["path"], warn_missing_rescale=False)
         slices = ((h, frames[h["frame"]], m) for h in ordered)
+    elif "tile" in ordered[0]:  # one MOSAIC file: decode once, cut each slice from its tile
+        tiled, m = read_dicom(ordered[0]["path"], warn_missing_rescale=False)
+        slices = ((h, untile(tiled, h), m) for h in ordered)
     else:
         slices = ((h, *read_dicom(h["path"], warn_missing_rescale=False)) for h in ordered)
     for k, (h, arr, m) in enumerate(slices):
@@ -356,6 +368,7 @@ def _stack(geo: dict) -> tuple[np.ndarray, dict[str, Any]]:
         rescale=sorted(rescales), unit=units.pop() if len(units) == 1 else None,
         files=list(dict.fromkeys(h["path"] for h in ordered)),
         slice_positions=geo["positions"], sheared=geo["sheared"], warnings=warnings,
+        mosaic=first.get("mosaic"),
     )
     return volume, meta
 
