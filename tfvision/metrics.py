@@ -1,14 +1,22 @@
 """Evaluation metrics shared by the trainer and the evaluate/predict commands.
 
-Pure numpy/scipy on purpose: evaluating saved predictions must not pay for a
-TensorFlow import. Every dict returned here holds plain Python numbers, lists
-and None (never NaN), so it goes straight into ``json.dumps``.
+The scores themselves come from ``sklearn.metrics``; this module adds what it
+lacks: None instead of NaN for an undefined score (an absent class), masking of
+unknown (-1) multilabel entries, ECE/MCE with per-bin counts, temperature
+fitting, F1 thresholds, ``OptimizedRounder`` and distribution matching.
+numpy/scipy/scikit-learn only on purpose: evaluating saved predictions must not
+pay for a TensorFlow import. Every dict returned here holds plain Python
+numbers, lists and None (never NaN), so it goes straight into ``json.dumps``.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import optimize, special
+from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
 
 __all__ = [
     "OptimizedRounder", "binary_average_precision", "binary_roc_auc", "calibration",
@@ -76,20 +84,9 @@ def _known_mask(y: np.ndarray, known) -> np.ndarray:
     return mask
 
 
-def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-
-
 # --------------------------------------------------------------------------- ranking
-def _threshold_counts(y: np.ndarray, scores: np.ndarray):
-    """Cumulative (false, true) positives at each distinct score, highest score first."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], y[order]
-    # Tied scores form one threshold: keep the last position of each run of ties.
-    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tps = np.cumsum(y)[last].astype(np.float64)
-    fps = last + 1 - tps
-    return fps, tps, s[last]
+def _one_class(y: np.ndarray) -> bool:
+    return not 0 < int(y.sum()) < y.size
 
 
 def roc_points(y, scores):
@@ -101,11 +98,10 @@ def roc_points(y, scores):
         ``(fpr, tpr)`` arrays starting at (0, 0), or None when y holds one class only.
     """
     y = np.asarray(y).astype(bool)
-    pos = int(y.sum())
-    if pos == 0 or pos == y.size:
+    if _one_class(y):
         return None
-    fps, tps, _ = _threshold_counts(y, np.asarray(scores, dtype=np.float64))
-    return np.r_[0.0, fps / (y.size - pos)], np.r_[0.0, tps / pos]
+    fpr, tpr, _ = skm.roc_curve(y, np.asarray(scores, dtype=np.float64), drop_intermediate=False)
+    return fpr, tpr
 
 
 def pr_points(y, scores):
@@ -117,11 +113,10 @@ def pr_points(y, scores):
         ``(recall, precision)`` arrays starting at (0, 1), or None without positives.
     """
     y = np.asarray(y).astype(bool)
-    pos = int(y.sum())
-    if pos == 0:
+    if not y.any():
         return None
-    fps, tps, _ = _threshold_counts(y, np.asarray(scores, dtype=np.float64))
-    return np.r_[0.0, tps / pos], np.r_[1.0, tps / (tps + fps)]
+    precision, recall, _ = skm.precision_recall_curve(y, np.asarray(scores, dtype=np.float64))
+    return recall[::-1], precision[::-1]  # sklearn lists them from the lowest threshold
 
 
 def binary_roc_auc(y, scores):
@@ -130,8 +125,8 @@ def binary_roc_auc(y, scores):
     >>> binary_roc_auc([0, 1, 1], [0.1, 0.8, 0.4])
     1.0
     """
-    pts = roc_points(y, scores)
-    return None if pts is None else float(np.trapezoid(pts[1], pts[0]))
+    y = np.asarray(y).astype(bool)
+    return None if _one_class(y) else float(skm.roc_auc_score(y, scores))
 
 
 def binary_average_precision(y, scores):
@@ -140,12 +135,8 @@ def binary_average_precision(y, scores):
     >>> binary_average_precision([0, 1, 1], [0.1, 0.8, 0.4])
     1.0
     """
-    pts = pr_points(y, scores)
-    if pts is None:
-        return None
-    recall, precision = pts
-    # Step-wise sum, not a trapezoid: interpolating PR curves overstates the area.
-    return float(np.sum(np.diff(recall) * precision[1:]))
+    y = np.asarray(y).astype(bool)
+    return float(skm.average_precision_score(y, scores)) if y.any() else None
 
 
 def quadratic_weighted_kappa(y_true, y_pred, n_classes: int | None = None):
@@ -156,7 +147,7 @@ def quadratic_weighted_kappa(y_true, y_pred, n_classes: int | None = None):
 
     Args:
         y_true: true ordinal classes [N].
-        y_pred: predicted ordinal classes [N].
+        y_pred: predicted ordinal classes [N]; clipped into [0, n_classes).
         n_classes: number of classes; defaults to the largest index + 1.
 
     Returns:
@@ -166,16 +157,12 @@ def quadratic_weighted_kappa(y_true, y_pred, n_classes: int | None = None):
     if y.size == 0:
         return None
     k = n_classes or int(max(y.max(), p.max())) + 1
-    return _kappa_from_cm(_confusion(y, np.clip(p, 0, k - 1), k))
-
-
-def _kappa_from_cm(cm: np.ndarray):
-    cm = cm.astype(np.float64)
-    idx = np.arange(cm.shape[0])
-    weights = (idx[:, None] - idx[None, :]) ** 2
-    expected = np.outer(cm.sum(1), cm.sum(0)) / cm.sum()
-    denom = float((weights * expected).sum())
-    return None if denom == 0 else 1.0 - float((weights * cm).sum()) / denom
+    with warnings.catch_warnings():
+        # Undefined kappa is an answer here (None), not something to warn about.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        kappa = skm.cohen_kappa_score(y, np.clip(p, 0, k - 1), labels=np.arange(k),
+                                      weights="quadratic")
+    return _num(kappa)
 
 
 # --------------------------------------------------------------------------- reports
@@ -206,20 +193,18 @@ def multiclass_metrics(y_true, probs, class_names, ordinal: bool = False) -> dic
     n, k = p.shape
     names = _check_names(class_names, k)
     y = _labels(y_true, n, k)
-    cm = _confusion(y, p.argmax(1), k)
-    tp, support, predicted = np.diag(cm).astype(np.float64), cm.sum(1), cm.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision, recall = tp / predicted, tp / support
-        f1 = 2 * tp / (support + predicted)
-        normalized = np.where(support[:, None] > 0, cm / support[:, None], 0.0)
-    seen = (support > 0) | (predicted > 0)
-
-    def macro(v):
-        return float(np.nan_to_num(v[seen]).mean())
-
-    def weighted(v):
-        return float(np.average(np.nan_to_num(v), weights=support))
-
+    pred, labels = p.argmax(1), np.arange(k)
+    # NaN marks an undefined ratio per class (None in the output); the averages count it as 0.
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=np.nan)
+    out = {"accuracy": float(skm.accuracy_score(y, pred)),
+           # = balanced_accuracy_score, which warns when a class is predicted but absent.
+           "balanced_accuracy": float(np.nanmean(recall))}
+    for avg in ("macro", "weighted"):
+        avg_p, avg_r, avg_f, _ = skm.precision_recall_fscore_support(
+            y, pred, average=avg, zero_division=0)
+        out.update({f"{avg}_precision": float(avg_p), f"{avg}_recall": float(avg_r),
+                    f"{avg}_f1": float(avg_f)})
     per_class = {}
     for c, name in enumerate(names):
         per_class[name] = {
@@ -227,20 +212,17 @@ def multiclass_metrics(y_true, probs, class_names, ordinal: bool = False) -> dic
             "support": int(support[c]), "roc_auc": binary_roc_auc(y == c, p[:, c]),
             "pr_auc": binary_average_precision(y == c, p[:, c]),
         }
-    out = {
-        "accuracy": float(tp.sum() / n),
-        "balanced_accuracy": float(recall[support > 0].mean()),
-        "macro_precision": macro(precision), "macro_recall": macro(recall),
-        "macro_f1": macro(f1), "weighted_precision": weighted(precision),
-        "weighted_recall": weighted(recall), "weighted_f1": weighted(f1),
+    out.update({
         "roc_auc_macro": _mean(v["roc_auc"] for v in per_class.values()),
         "pr_auc_macro": _mean(v["pr_auc"] for v in per_class.values()),
-        "confusion_matrix": cm.tolist(),
-        "confusion_matrix_normalized": normalized.tolist(),
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        # Rows of absent classes are zeros: sklearn turns their 0/0 into 0.
+        "confusion_matrix_normalized": skm.confusion_matrix(
+            y, pred, labels=labels, normalize="true").tolist(),
         "per_class": per_class,
-    }
+    })
     if ordinal:
-        out["quadratic_kappa"] = _kappa_from_cm(cm)
+        out["quadratic_kappa"] = quadratic_weighted_kappa(y, pred, k)
     return out
 
 
@@ -280,13 +262,13 @@ def multilabel_metrics(y_true, probs, class_names, thresholds=None, known=None) 
     per_class = {}
     for c, name in enumerate(names):
         yc, sc = y[mask[:, c], c] == 1, p[mask[:, c], c]
-        pred = sc >= th[c]
-        tp, fp, fn = int(np.sum(pred & yc)), int(np.sum(pred & ~yc)), int(np.sum(~pred & yc))
+        # sklearn refuses empty input: a class with no known entry has no defined ratio.
+        prf = (skm.precision_recall_fscore_support(
+            yc, sc >= th[c], average="binary", zero_division=np.nan)[:3]
+            if yc.size else (None,) * 3)
         per_class[name] = {
             "roc_auc": binary_roc_auc(yc, sc), "pr_auc": binary_average_precision(yc, sc),
-            "precision": tp / (tp + fp) if tp + fp else None,
-            "recall": tp / (tp + fn) if tp + fn else None,
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            **{key: _num(v) for key, v in zip(("precision", "recall", "f1"), prf, strict=True)},
             "support": int(yc.sum()), "n_known": int(yc.size), "threshold": float(th[c]),
         }
     vals = per_class.values()
@@ -411,8 +393,13 @@ def tune_f1_thresholds(y_true, probs, known=None, default: float = 0.5) -> np.nd
         yc, sc = y[mask[:, c], c] == 1, p[mask[:, c], c]
         if not yc.any():
             continue
-        fps, tps, cuts = _threshold_counts(yc, sc)
-        best = int(np.argmax(2 * tps / (tps + fps + yc.sum())))  # first max: fewest positives
+        precision, recall, cuts = skm.precision_recall_curve(yc, sc)
+        # Highest threshold first; drop sklearn's closing (recall 0, precision 1) point.
+        precision, recall, cuts = precision[-2::-1], recall[-2::-1], cuts[::-1]
+        with np.errstate(invalid="ignore"):
+            f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+        # First of the maxima (up to rounding): the fewest predicted positives.
+        best = int(np.flatnonzero(f1 >= f1.max() - 1e-12)[0])
         out[c] = cuts[best]
         if best + 1 < cuts.size:
             # Halfway to the next lower score gives the same predictions here and
