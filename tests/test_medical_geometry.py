@@ -509,3 +509,68 @@ def test_siemens_mosaic_without_its_slice_count_is_refused(tmp_path):
     result = convert_series([path], tmp_path / "out")
     assert result["status"] == "failed" and "NumberOfImagesInMosaic" in result["error"], result
     assert not (tmp_path / "out").exists()  # never a tiled image
+
+
+# ------------------------------------------------ acquisitions sharing positions
+
+
+def test_two_mosaic_acquisitions_at_the_same_positions_are_separate_volumes(tmp_path):
+    # nibabel's real b=0 and b=1000 DWI mosaics: one series, the same 48 positions, AcquisitionNumber 1 and 2.
+    paths = siemens_dwi(tmp_path / "in", 0, 1000)
+    result = convert_series(paths, tmp_path / "out")
+    assert result["status"] == "ok" and result["split_by"] == ["AcquisitionNumber"], result.get("error")
+    assert [Path(p).name.rsplit("_", 1)[-1] for p in result["outputs"]] == ["acq1.nii.gz", "acq2.nii.gz"]
+    for path, dicom in zip(result["outputs"], paths, strict=True):
+        img = nib.load(path)
+        assert img.shape == (128, 128, 48)
+        record("Siemens MOSAIC, 2 acquisitions (per volume)", "tfvision",
+               corner_error(mosaic_oracle(dicom)[0], affine_corners(img.affine, img.shape)))
+        side = json.loads(Path(path[:-7] + ".json").read_text())
+        assert side["acquisition"]["tag"] == "AcquisitionNumber" and side["files"] == [str(dicom)]
+    assert corner_errors[("Siemens MOSAIC, 2 acquisitions (per volume)", "tfvision")] < 1e-3
+    for nii in dcm2niix(tmp_path / "in", tmp_path / "dcm2niix"):  # dcm2niix: one 4D file, 128x128x48x2
+        img = nib.load(nii)
+        record("Siemens MOSAIC, 2 acquisitions (per volume)", f"dcm2niix (4D {img.shape[3]})",
+               corner_error(mosaic_oracle(paths[0])[0], affine_corners(img.affine, img.shape[:3])))
+
+
+def write_echoes(src: Path, dst: Path, echoes: tuple[int, int] | None) -> list:
+    """A real CT saved twice into one series: the copy gets new SOPInstanceUIDs and, unless `echoes` is None,
+    EchoNumbers 1 and 2 (the copy's pixels + 100 HU, to tell the echoes apart)."""
+    dst.mkdir(parents=True)
+    datasets = read_series(src)
+    for k, ds in enumerate(datasets):
+        if echoes:
+            ds.EchoNumbers = echoes[0]
+        ds.save_as(dst / f"a{k}.dcm")
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        if echoes:
+            ds.EchoNumbers = echoes[1]
+            ds.PixelData = (ds.pixel_array + 100).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(dst / f"b{k}.dcm")
+    return datasets
+
+
+def test_echoes_sharing_positions_split_by_echo_number(tmp_path):
+    datasets = write_echoes(series_dir("98892001/CT5N"), tmp_path / "in", (1, 2))
+    result = convert_series(sorted((tmp_path / "in").iterdir()), tmp_path / "out")
+    assert result["status"] == "ok" and result["split_by"] == ["EchoNumbers"], result
+    first, second = (nib.load(p) for p in result["outputs"])
+    assert result["outputs"][1].endswith("_echo2.nii.gz")
+    expected = tag_corners(datasets)
+    errors = [corner_error(expected, affine_corners(img.affine, img.shape)) for img in (first, second)]
+    assert record("CT, 2 echoes at the same positions (per echo)", "tfvision", max(errors)) < 1e-3
+    np.testing.assert_array_equal(np.asarray(second.dataobj) - np.asarray(first.dataobj), 100)
+    # GDCM stacks both echoes into one 10-slice volume (recorded for the table, not asserted).
+    sitk_dicom_error("CT, 2 echoes at the same positions (per echo)", tmp_path / "in", expected)
+    for nii in dcm2niix(tmp_path / "in", tmp_path / "dcm2niix"):
+        img = nib.load(nii)
+        record("CT, 2 echoes at the same positions (per echo)", f"dcm2niix {nii.stem.split('_', 1)[-1]}".strip(),
+               corner_error(expected, affine_corners(img.affine, img.shape[:3])))
+
+
+def test_repeated_positions_nothing_tells_apart_are_refused(tmp_path):
+    write_echoes(series_dir("98892001/CT5N"), tmp_path / "in", None)
+    result = convert_series(sorted((tmp_path / "in").iterdir()), tmp_path / "out")
+    assert result["status"] == "failed" and "duplicate slice positions" in result["error"], result
+    assert not (tmp_path / "out").exists()

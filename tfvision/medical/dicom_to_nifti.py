@@ -27,6 +27,7 @@ from tfvision.fileio import claim_dir, safe_name
 from tfvision.medical.dicom import read_header, require
 from tfvision.medical.series import (
     DicomScan,
+    acquisition_groups,
     find_dicom_files,
     load_series,
     load_series_runs,
@@ -39,7 +40,9 @@ _SCAN_CHUNK = 256  # files per header-scan task: big enough to amortise process 
 REPORT = "conversion_report.json"  # written last; marks a folder a conversion made
 _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", "patient_id", "modality",
          "series_number", "spacing", "shape", "axes", "image_orientation_patient", "image_position_patient",
-         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "sheared", "mosaic", "warnings", "files")
+         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "acquisition", "sheared", "mosaic", "warnings", "files")
+# File-name suffix of each acquisition that repeats a series' slice positions (see acquisition_groups).
+_SUFFIX = {"EchoNumbers": "echo", "TemporalPositionIdentifier": "time", "AcquisitionNumber": "acq"}
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -108,6 +111,10 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
     ``"resample"`` interpolates (linearly) onto an even grid; ``gaps`` reports
     the gaps either way. Slices in different orientations (a localizer, a
     radial series) are never stacked: each orientation is ``<uid>_orient<n>``.
+    Acquisitions that repeat the slice positions (echoes, time points, a repeated
+    scan) are separate 3D files, ``<uid>_echo<n>``, ``_time<n>`` or ``_acq<n>``
+    (see :func:`~tfvision.medical.series.acquisition_groups`), not one 4D file:
+    every tfvision consumer (slicing, volume inference, RTSTRUCT labels) reads 3D.
 
     >>> convert_series(["CT/1.dcm", "CT/2.dcm"], "out")["status"]  # doctest: +SKIP
     'ok'
@@ -120,18 +127,27 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
 
     Returns:
         ``{"status": "ok"|"failed", "series_instance_uid", "output" (the first
-        file), "outputs", "gaps", "unit" | "error", "warnings"}``.
+        file), "outputs", "split_by" (the acquisition tags that split it), "gaps",
+        "unit" | "error", "warnings"}``.
     """
     try:
         # Non-parallel planes (localizers, radial MR) are never stacked: each orientation is its own volume.
         groups = orientation_groups([read_header(f) for f in files])
-        parts = []
+        parts, split_by = [], set()
         for g, group in enumerate(groups):
-            paths = [h["path"] for h in group]
-            runs = load_series_runs(paths, tolerance=tolerance) if uneven == "split" else [
-                load_series(paths, uneven=uneven, tolerance=tolerance)]
-            parts += [(volume, meta, (f"_orient{g}" if len(groups) > 1 else "")
-                       + (f"_run{meta['run']}" if len(runs) > 1 else "")) for volume, meta in runs]
+            for acquisition, headers in acquisition_groups(group):
+                paths = [h["path"] for h in headers]
+                runs = load_series_runs(paths, tolerance=tolerance) if uneven == "split" else [
+                    load_series(paths, uneven=uneven, tolerance=tolerance)]
+                tag = "" if acquisition is None else f"_{_SUFFIX[acquisition['tag']]}{acquisition['value']}"
+                if acquisition is not None:
+                    split_by.add(acquisition["tag"])
+                    for _, meta in runs:
+                        meta["acquisition"] = acquisition
+                        meta["warnings"].append(f"slice positions repeat: split by {acquisition['tag']}, "
+                                                f"this is {acquisition['tag']} {acquisition['value']}")
+                parts += [(volume, meta, (f"_orient{g}" if len(groups) > 1 else "") + tag
+                           + (f"_run{meta['run']}" if len(runs) > 1 else "")) for volume, meta in runs]
         outputs = []
         for volume, meta, suffix in parts:
             uid = meta["series_instance_uid"]
@@ -140,7 +156,7 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
             _write_volume(volume, meta, target)
             outputs.append(str(target))
         return {"status": "ok", "series_instance_uid": uid, "output": outputs[0], "outputs": outputs,
-                "gaps": meta["gaps"], "unit": meta["unit"], "warnings": meta["warnings"]}
+                "split_by": sorted(split_by), "gaps": meta["gaps"], "unit": meta["unit"], "warnings": meta["warnings"]}
     except Exception as e:  # one bad series must not stop the batch
         return {"status": "failed", "series_instance_uid": None, "files": len(files),
                 "first_file": str(files[0]) if files else None, "error": f"{type(e).__name__}: {e}"}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tfvision.errors import DataError
-from tfvision.medical.dicom import DicomError, read_dicom, read_header
+from tfvision.medical.dicom import ACQUISITION_TAGS, DicomError, read_dicom, read_header
 from tfvision.medical.mosaic import tile_headers, untile
 from tfvision.medical.spacing import (
     UNEVEN_MODES,
@@ -214,7 +214,8 @@ def spacing_warnings(positions: np.ndarray, rel_tol: float = 0.01, abs_tol: floa
     gaps = np.diff(positions)
     if np.any(gaps < abs_tol):
         k = int(np.argmax(gaps < abs_tol))
-        raise DataError(f"duplicate slice position {positions[k]:.3f} mm (several acquisitions in one series?)")
+        raise DataError(f"duplicate slice position {positions[k]:.3f} mm (several acquisitions in one series?); "
+                        f"split them with acquisition_groups (dicom_to_nifti does)")
     bad = irregular_gaps(positions, rel_tol, abs_tol)
     if bad.size == 0:
         return []
@@ -243,6 +244,50 @@ def orientation_groups(headers: list[dict], tol: float = 1e-3) -> list[list[dict
             groups.append((iop, match := []))
         match.append(h)
     return [g for _, g in groups]
+
+
+def _repeats_positions(headers: list[dict], abs_tol: float = 1e-3) -> bool:
+    if len(headers) < 2 or not all(h["image_position_patient"] and h["image_orientation_patient"] for h in headers):
+        return False
+    normal = slice_normal(headers[0]["image_orientation_patient"])
+    pos = np.sort([normal @ np.asarray(h["image_position_patient"]) for h in headers])
+    return bool(np.any(np.diff(pos) < abs_tol))
+
+
+def acquisition_groups(headers: list[dict]) -> list[tuple[dict | None, list[dict]]]:
+    """Split parallel slices that repeat their positions into one group per acquisition.
+
+    Two echoes, the time points of a dynamic series, or a repeated scan can share
+    one SeriesInstanceUID and the same slice positions. Each becomes its own group,
+    told apart by the first of EchoNumbers, TemporalPositionIdentifier and
+    AcquisitionNumber whose values leave no position repeated inside any group.
+
+    >>> [tag for tag, _ in acquisition_groups(scan.series[uid])]  # doctest: +SKIP
+    [{'tag': 'EchoNumbers', 'value': 1}, {'tag': 'EchoNumbers', 'value': 2}]
+
+    Args:
+        headers: per-file metas of one orientation group (see :func:`orientation_groups`).
+
+    Returns:
+        ``[(acquisition, headers), ...]`` sorted by the tag's value; ``acquisition``
+        is ``{"tag", "value"}``, or None (one group) when no position repeats.
+
+    Raises:
+        DataError: positions repeat and none of the three tags separates them.
+    """
+    if not _repeats_positions(headers):
+        return [(None, headers)]
+    for key, tag in ACQUISITION_TAGS.items():
+        values = [h.get(key) for h in headers]
+        if None in values or len(set(values)) < 2:
+            continue
+        groups: dict[int, list[dict]] = {}
+        for h, v in zip(headers, values, strict=True):
+            groups.setdefault(v, []).append(h)
+        if not any(_repeats_positions(g) for g in groups.values()):
+            return [({"tag": tag, "value": v}, groups[v]) for v in sorted(groups)]
+    raise DataError(f"series {headers[0]['series_instance_uid']}: duplicate slice positions that neither "
+                    f"{', '.join(ACQUISITION_TAGS.values())} tells apart; refusing to stack or guess")
 
 
 def series_geometry(headers: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
