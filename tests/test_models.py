@@ -154,6 +154,22 @@ def test_warmup_cosine_shape():
     assert lr[50] == pytest.approx(0.1)
 
 
+def test_warmup_cosine_is_keras_cosine_decay_one_step_early():
+    # Why WarmupCosine is not replaced by CosineDecay: equal decay, warmup shifted one step.
+    s = WarmupCosine(lr=1.0, total_steps=50, warmup_steps=10, min_lr=0.1)
+    keras_cd = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=40, alpha=0.1, warmup_target=1.0, warmup_steps=10)
+    ours = np.array([float(s(i)) for i in range(60)])
+    theirs = np.array([float(keras_cd(i)) for i in range(61)])
+    np.testing.assert_allclose(ours[10:], theirs[10:60], rtol=1e-6)
+    np.testing.assert_allclose(ours[:10], theirs[1:11], rtol=1e-6)
+    assert not np.allclose(ours[:10], theirs[:10])
+    # Saved .keras checkpoints name the schedule in their compile config: it must load safely.
+    back = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(s),
+                                                 safe_mode=True)
+    assert type(back) is WarmupCosine and back.get_config() == s.get_config()
+
+
 def test_class_weights_match_sklearn_balanced():
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
     counts = np.bincount(labels)

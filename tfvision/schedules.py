@@ -47,7 +47,14 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="tfvision")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`.
+
+    Not ``keras.optimizers.schedules.CosineDecay(warmup_target=lr, ...)``: the decay
+    is the same, but Keras's warmup starts at ``initial_learning_rate`` on step 0 and
+    reaches the target one step later than this one (``lr * (step + 1) / warmup``),
+    so swapping it in would change every warmup step. Checkpoints also store this
+    class by its registered name (``tfvision>WarmupCosine``) in their compile config.
+    """
 
     def __init__(self, lr, total_steps, warmup_steps=0, min_lr=0.0):
         self.lr = float(lr)
