@@ -1,6 +1,7 @@
 """Convert every DICOM image series under a directory to NIfTI.
 
-    python -m tfvision.medical.dicom_to_nifti IN_DIR OUT_DIR [--workers N]
+    python -m tfvision.medical.dicom_to_nifti IN_DIR OUT_DIR [--workers N] [--uneven split|resample]
+        [--tilt keep|resample]
 
 Writes ``OUT_DIR/<PatientID>/<SeriesInstanceUID>.nii.gz`` plus a ``.json``
 with the kept metadata, and ``OUT_DIR/conversion_report.json``. Headers are
@@ -35,12 +36,13 @@ from tfvision.medical.series import (
     scan_dicom,
 )
 from tfvision.medical.spacing import UNEVEN_MODES
+from tfvision.medical.tilt import TILT_MODES, resample_tilt
 
 _SCAN_CHUNK = 256  # files per header-scan task: big enough to amortise process hops
 REPORT = "conversion_report.json"  # written last; marks a folder a conversion made
 _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", "patient_id", "modality",
          "series_number", "spacing", "shape", "axes", "image_orientation_patient", "image_position_patient",
-         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "acquisition", "sheared", "mosaic", "warnings", "files")
+         "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "acquisition", "sheared", "tilt_shift_voxels", "mosaic", "warnings", "files")
 # File-name suffix of each acquisition that repeats a series' slice positions (see acquisition_groups).
 _SUFFIX = {"EchoNumbers": "echo", "TemporalPositionIdentifier": "time", "AcquisitionNumber": "acq"}
 
@@ -102,7 +104,7 @@ def nifti_image(nib, volume: np.ndarray, affine: np.ndarray, sheared: bool):
 
 
 def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
-                   tolerance: float = 0.01) -> dict[str, Any]:
+                   tolerance: float = 0.01, tilt: str = "keep") -> dict[str, Any]:
     """Convert one series; return a result record instead of raising.
 
     Evenly spaced series give ``<SeriesInstanceUID>.nii.gz``. Uneven ones (a gap
@@ -115,6 +117,9 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
     scan) are separate 3D files, ``<uid>_echo<n>``, ``_time<n>`` or ``_acq<n>``
     (see :func:`~tfvision.medical.series.acquisition_groups`), not one 4D file:
     every tfvision consumer (slicing, volume inference, RTSTRUCT labels) reads 3D.
+    A gantry-tilted (sheared) series is written exactly, sform only, with
+    ``tilt="keep"``, or resampled onto an orthogonal grid with ``"resample"``
+    (see :func:`~tfvision.medical.tilt.resample_tilt`).
 
     >>> convert_series(["CT/1.dcm", "CT/2.dcm"], "out")["status"]  # doctest: +SKIP
     'ok'
@@ -124,6 +129,7 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
         out_dir: output root.
         uneven: ``"split"`` or ``"resample"``.
         tolerance: allowed deviation of a gap from the median gap (fraction).
+        tilt: ``"keep"`` or ``"resample"``.
 
     Returns:
         ``{"status": "ok"|"failed", "series_instance_uid", "output" (the first
@@ -150,6 +156,8 @@ def convert_series(files: list[str], out_dir: str | Path, uneven: str = "split",
                            + (f"_run{meta['run']}" if len(runs) > 1 else "")) for volume, meta in runs]
         outputs = []
         for volume, meta, suffix in parts:
+            if tilt == "resample":
+                volume, meta = resample_tilt(volume, meta)
             uid = meta["series_instance_uid"]
             name = safe_name(uid) + suffix
             target = Path(out_dir) / safe_name(meta["patient_id"]) / f"{name}.nii.gz"
@@ -176,11 +184,11 @@ def _write_volume(volume: np.ndarray, meta: dict, target: Path) -> None:
 
 
 def convert_study(series: dict[str, list[str]], out_dir: str, uneven: str = "split",
-                  tolerance: float = 0.01) -> list[dict[str, Any]]:
+                  tolerance: float = 0.01, tilt: str = "keep") -> list[dict[str, Any]]:
     """Convert the series of one study (one worker task)."""
     results = []
     for uid, files in series.items():
-        result = convert_series(files, out_dir, uneven, tolerance)
+        result = convert_series(files, out_dir, uneven, tolerance, tilt)
         result["series_instance_uid"] = result["series_instance_uid"] or uid
         results.append(result)
     return results
@@ -209,7 +217,7 @@ def _run(pool: Executor | None, fn, items, progress, desc: str):
 
 
 def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True,
-            uneven: str = "split", tolerance: float = 0.01) -> dict[str, Any]:
+            uneven: str = "split", tolerance: float = 0.01, tilt: str = "keep") -> dict[str, Any]:
     """Convert all series under `in_dir`; see the module docstring.
 
     >>> report = convert("LUNG1", "nifti", workers=4)  # doctest: +SKIP
@@ -220,7 +228,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         out_dir: output root.
         workers: processes; 1 converts in this process.
         progress: show tqdm bars on stderr.
-        uneven, tolerance: see :func:`convert_series`.
+        uneven, tolerance, tilt: see :func:`convert_series`.
 
     Returns:
         ``{"converted": [...], "failed": [...], "unreadable": [(path, reason)],
@@ -240,7 +248,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         studies: dict[str, dict[str, list[str]]] = {}
         for uid, headers in scan.series.items():
             studies.setdefault(headers[0]["study_instance_uid"], {})[uid] = [h["path"] for h in headers]
-        tasks = [(series, str(out_dir), uneven, tolerance) for series in studies.values()]
+        tasks = [(series, str(out_dir), uneven, tolerance, tilt) for series in studies.values()]
         results = []
         for (series, *_), result in _run(pool, convert_study, tasks, progress, "converting"):
             results += result if isinstance(result, list) else [
@@ -272,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(split, the default) or interpolate linearly onto an even grid (resample)")
     parser.add_argument("--uneven-tolerance", type=float, default=0.01,
                         help="a gap off the median gap by more than this fraction is uneven (default 0.01)")
+    parser.add_argument("--tilt", choices=TILT_MODES, default="keep",
+                        help="a gantry-tilted (sheared) series: write it exactly, sform only with qform_code 0 (keep, "
+                        "the default), or interpolate linearly onto an orthogonal grid like dcm2niix's _Tilt (resample)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
 
@@ -292,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     claim_dir(args.out_dir, REPORT, f"out_dir: {args.out_dir} holds files that no conversion wrote (no {REPORT}); "
               f"give a new or empty folder")
     report = convert(args.in_dir, args.out_dir, workers=max(1, args.workers), progress=not args.no_progress,
-                     uneven=args.uneven, tolerance=args.uneven_tolerance)
+                     uneven=args.uneven, tolerance=args.uneven_tolerance, tilt=args.tilt)
     ok, failed, bad = report["converted"], report["failed"], report["unreadable"]
     print(f"converted {len(ok)} series, {len(failed)} failed, {len(bad)} unreadable file(s), "
           f"{report['non_image']} non-image object(s) skipped")
