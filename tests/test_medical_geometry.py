@@ -616,3 +616,50 @@ def test_tilt_resample_matches_dcm2niix_tilt_file(tmp_path):
         assert ref.shape == img.shape
         record("CT gantry tilt 20 deg, --tilt resample", "dcm2niix _Tilt_1",
                corner_error(affine_corners(affine, img.shape), affine_corners(ref.affine, ref.shape)))
+
+
+# ---------------------------------------------- CLI and labels on uneven series
+
+
+def write_missing_slice(folder: Path) -> list:
+    """A real CT with its middle file removed (gaps 2.5, 5.0, 2.5 mm); the datasets kept."""
+    full = sorted(read_series(series_dir("98892001/CT5N")), key=lambda d: float(d.ImagePositionPatient[2]))
+    folder.mkdir(parents=True)
+    for k, ds in enumerate(full):
+        if k != 2:
+            ds.save_as(folder / f"{ds.InstanceNumber}.dcm")
+    return full
+
+
+@pytest.mark.parametrize("mode, shapes", [("split", [2, 2]), ("resample", [5])])
+def test_dicom_to_nifti_cli_uneven(tmp_path, mode, shapes):
+    from tfvision.medical.dicom_to_nifti import main as convert_main
+
+    full = write_missing_slice(tmp_path / "in")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = convert_main([str(tmp_path / "in"), str(tmp_path / "out"), "--uneven", mode, "--workers", "1",
+                             "--no-progress"])
+    assert code == 0 and "converted 1 series" in out.getvalue() and "uneven slice spacing" in out.getvalue()
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    (series,) = report["converted"]
+    assert series["gaps"] == [{"after_slice": 1, "gap_mm": pytest.approx(5.0, abs=1e-4)}]
+    images = [nib.load(p) for p in series["outputs"]]
+    assert [img.shape[2] for img in images] == shapes
+    assert all(("_run" in Path(p).name) == (mode == "split") for p in series["outputs"])
+    if mode == "resample":
+        assert corner_error(tag_corners(full), affine_corners(images[0].affine, images[0].shape)) < 1e-3
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(f"{d.InstanceNumber}.dcm"
+                                                                         for k, d in enumerate(full) if k != 2)
+
+
+def test_rtstruct_labels_refuse_an_uneven_series(tmp_path):
+    write_rtstruct_case(tmp_path / "in")
+    (tmp_path / "in" / "ct" / "2.dcm").unlink()  # z = -190 gone: gaps 10, 20, 10 mm
+    (tmp_path / "names.json").write_text('{"Body": ["patient"]}')
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        code = labels_main(["--rtstruct", str(tmp_path / "in" / "rs" / "rtstruct.dcm"), "--series",
+                            str(tmp_path / "in" / "ct"), "--map", str(tmp_path / "names.json"),
+                            "--output", str(tmp_path / "l.nii.gz")])
+    assert code != 0 and "uneven slice spacing" in buf.getvalue(), buf.getvalue()
+    assert not (tmp_path / "l.nii.gz").exists()

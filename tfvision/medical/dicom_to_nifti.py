@@ -16,8 +16,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from tfvision.errors import UserError
 from tfvision.fileio import claim_dir, safe_name
+from tfvision.medical.batch import atomic_write, map_tasks
 from tfvision.medical.dicom import read_header, require
 from tfvision.medical.series import (
     DicomScan,
@@ -45,26 +45,6 @@ _KEEP = ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid", 
          "rescale", "unit", "slice_positions", "source_positions", "gaps", "run", "acquisition", "sheared", "tilt_shift_voxels", "mosaic", "warnings", "files")
 # File-name suffix of each acquisition that repeats a series' slice positions (see acquisition_groups).
 _SUFFIX = {"EchoNumbers": "echo", "TemporalPositionIdentifier": "time", "AcquisitionNumber": "acq"}
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling and rename, so `path` is never partial.
-
-    >>> atomic_write(Path("a.json"), lambda p: p.write_text("{}"))  # doctest: +SKIP
-
-    Args:
-        path: the final file name.
-        write: called with the temporary path (same directory and suffixes, so
-            nibabel still picks gzip from ``.nii.gz``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name[: -len(suffix) or None]}.{os.getpid()}.tmp{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # atomic on one filesystem
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(value):
@@ -194,28 +174,6 @@ def convert_study(series: dict[str, list[str]], out_dir: str, uneven: str = "spl
     return results
 
 
-def _run(pool: Executor | None, fn, items, progress, desc: str):
-    """Map `fn` over `items` in `pool` (or inline), yielding (item, result or exception)."""
-    tqdm = require("tqdm").tqdm
-    bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress, file=sys.stderr)
-    if pool is None:
-        for item in items:
-            try:
-                yield item, fn(*item)
-            except Exception as e:
-                yield item, e
-            bar.update()
-    else:
-        futures = {pool.submit(fn, *item): item for item in items}
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except Exception as e:  # e.g. a worker killed by the OOM killer
-                yield futures[future], e
-            bar.update()
-    bar.close()
-
-
 def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True,
             uneven: str = "split", tolerance: float = 0.01, tilt: str = "keep") -> dict[str, Any]:
     """Convert all series under `in_dir`; see the module docstring.
@@ -242,7 +200,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
         scan = DicomScan()
-        for chunk, result in _run(pool, scan_dicom, chunks, progress, "scanning"):
+        for chunk, result in map_tasks(pool, scan_dicom, chunks, progress, "scanning"):
             scan.merge(result if isinstance(result, DicomScan) else
                        DicomScan(failed=[(f, f"scan failed: {result}") for f in chunk[0]]))
         studies: dict[str, dict[str, list[str]]] = {}
@@ -250,7 +208,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
             studies.setdefault(headers[0]["study_instance_uid"], {})[uid] = [h["path"] for h in headers]
         tasks = [(series, str(out_dir), uneven, tolerance, tilt) for series in studies.values()]
         results = []
-        for (series, *_), result in _run(pool, convert_study, tasks, progress, "converting"):
+        for (series, *_), result in map_tasks(pool, convert_study, tasks, progress, "converting"):
             results += result if isinstance(result, list) else [
                 {"status": "failed", "series_instance_uid": uid, "error": f"worker failed: {result!r}"}
                 for uid in series]

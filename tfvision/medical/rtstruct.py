@@ -264,7 +264,8 @@ def rtstruct_to_labels(rtstruct_path: str | Path, dicom_root: str | Path, name_m
         also holding ``affine``, ``series_instance_uid`` and ``sheared`` of the grid.
 
     Raises:
-        DataError: the referenced series is not under `dicom_root`.
+        DataError: the referenced series is not under `dicom_root`, or its slice
+            spacing is uneven (no one grid fits it).
     """
     rts = read_rtstruct(rtstruct_path)
     scan = scan_dicom(dicom_root)
@@ -273,6 +274,11 @@ def rtstruct_to_labels(rtstruct_path: str | Path, dicom_root: str | Path, name_m
         raise DataError(f"{rtstruct_path}: referenced series {rts.referenced_series_uids or '(none listed)'} "
                         f"not found under {dicom_root}; it holds {sorted(scan.series)}")
     geo = series_geometry(scan.series[uid])
+    if len(geo["runs"]) > 1:
+        # The first-to-last affine of an uneven series is the mean step: contours would land up to a gap
+        # away from their slice, and dicom_to_nifti writes no file on that grid to pair the labels with.
+        raise DataError(f"{rtstruct_path}: series {uid} has uneven slice spacing ({geo['warnings'][0]}); one "
+                        f"label grid cannot follow it: refusing rather than misplace contours")
     volume, report = rasterize_rtstruct(rts, geo["affine"], geo["shape"], name_map, labels)
     report.update(affine=geo["affine"], series_instance_uid=uid, sheared=geo["sheared"])
     report["warnings"] = geo["warnings"] + report["warnings"]

@@ -37,8 +37,9 @@ from tfvision.fileio import (
     safe_name,
     write_json,
 )
+from tfvision.medical.batch import atomic_write, map_tasks
 from tfvision.medical.dicom import require
-from tfvision.medical.dicom_to_nifti import _run, atomic_write, nifti_image
+from tfvision.medical.dicom_to_nifti import nifti_image
 from tfvision.medical.rtstruct import rtstruct_to_labels
 from tfvision.medical.series import find_dicom_files, scan_dicom
 
@@ -154,7 +155,7 @@ def label_patients(in_dir: str | Path, name_map: dict, out_dir: str | Path, work
     try:
         results = [r if isinstance(r, dict) else {"status": "failed", "rtstruct": task[0],
                                                    "error": f"worker failed: {r!r}"}
-                   for task, r in _run(pool, _label_one, tasks, progress, "labelling")]
+                   for task, r in map_tasks(pool, _label_one, tasks, progress, "labelling")]
     finally:
         if pool is not None:
             pool.shutdown()
