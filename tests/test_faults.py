@@ -38,7 +38,7 @@ from eval_helpers import trained_run
 
 pytestmark = pytest.mark.faults  # a suite of its own: CI runs it, plain `pytest` does not
 
-COMMANDS = ["train", "convert", "evaluate", "predict", "export", "extract", "dicom_to_nifti"]
+COMMANDS = ["train", "convert", "evaluate", "predict", "export", "extract", "dicom_to_nifti", "rtstruct_to_labels"]
 FAULTS = ["user_output", "read_only", "missing_input", "empty_input", "corrupt_file", "disk_full", "kill_rerun"]
 KILL_AFTER_S = 3.0
 FILE_LIMIT = 4096  # bytes: the first real output (a config, a checkpoint, a shard) is larger
@@ -54,6 +54,7 @@ class Case:
     done: str  # a file under `output` that only a finished command writes
     corrupt: Path  # the input file the corrupt_file fault overwrites
     env: dict = field(default_factory=dict)
+    limit: int = FILE_LIMIT  # bytes a file may grow to in the disk_full fault
 
     def finished(self) -> bool:
         if not self.done:
@@ -166,8 +167,22 @@ def _dicom_to_nifti(tmp, _digits_root, _run) -> Case:
                  "--no-progress"], src, tmp / "out", "conversion_report.json", src / "CT_copy.dcm")
 
 
+def _rtstruct_to_labels(tmp, _digits_root, _run) -> Case:
+    from tests.test_medical_geometry import write_rtstruct_case
+
+    src = tmp / "patients"
+    for patient in ("P1", "P2"):
+        write_rtstruct_case(src / patient)
+    (tmp / "names.json").write_text('{"Body": ["patient"]}')
+    return Case(["-m", "tfvision.medical.rtstruct_to_labels", "--patients", str(src), "--map", str(tmp / "names.json"),
+                 "--output", str(tmp / "out"), "--workers", "1", "--no-progress"],
+                src, tmp / "out", "labels_report.json", src / "P2" / "rs" / "rtstruct.dcm",
+                limit=256)  # its label volumes compress to a few hundred bytes
+
+
 BUILDERS = {"train": _train, "convert": _convert, "evaluate": _evaluate, "predict": _predict,
-            "export": _export, "extract": _extract, "dicom_to_nifti": _dicom_to_nifti}
+            "export": _export, "extract": _extract, "dicom_to_nifti": _dicom_to_nifti,
+            "rtstruct_to_labels": _rtstruct_to_labels}
 
 
 def test_every_command_has_a_case():
@@ -257,7 +272,7 @@ def _corrupt_file(case: Case):
 
 def _disk_full(case: Case):
     before = checksums(case.input)
-    proc = run(case, limit=FILE_LIMIT)
+    proc = run(case, limit=case.limit)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert_one_line_error(proc)
     # unfinished, or (dicom_to_nifti, which reports per series) finished with the cause on record

@@ -21,16 +21,19 @@ from tfvision.errors import UserError
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ""):
+def atomic_path(path: str | os.PathLike, suffix: str = "", before_replace=None):
     """Yield a temporary path next to `path`; move it into place on success.
 
     `suffix` keeps an extension some writers insist on (Keras wants ``.keras``).
+    `before_replace(tmp)` runs on the finished file just before it takes its final name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -39,7 +42,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
 
 # Files written at a name the user chose (predict's CSV, a label volume, Grad-CAM overlays) carry
 # no marker, so a ledger in the user cache remembers the hash of what was written where: a file
-# is ours to replace only while its bytes are still the ones we wrote.
+# is ours to replace only while its bytes are still the ones we wrote. The cache must be
+# writable ($TFVISION_CACHE moves it).
 LEDGER = "written.json"
 
 
@@ -76,17 +80,22 @@ def check_replaceable(path: str | os.PathLike, flag: str) -> None:
 @contextmanager
 def owned_output(path: str | os.PathLike, flag: str, suffix: str = ""):
     """`atomic_path` for an output at a user-chosen name: an existing file there is replaced
-    only when tfvision wrote it (`check_replaceable`); what is written is recorded as ours."""
+    only when tfvision wrote it (`check_replaceable`); what is written is recorded as ours.
+
+    The record is written before the file takes its name, so every file tfvision leaves
+    under a final name is on record and a rerun may replace it; a failed record (a full
+    disk) fails the write instead.
+    """
     path = Path(path)
     check_replaceable(path, flag)
-    with atomic_path(path, suffix) as tmp:
-        yield tmp
-    try:  # the ledger is a convenience: without it a rerun refuses instead of replacing
+
+    def record(tmp: Path) -> None:
         ledger = {k: v for k, v in _ledger().items() if Path(k).is_file()}
-        ledger[str(path.resolve())] = _sha256(path)
+        ledger[str(path.resolve())] = _sha256(tmp)
         write_text(user_cache_dir() / LEDGER, json.dumps(ledger, indent=0))
-    except OSError:
-        pass
+
+    with atomic_path(path, suffix, before_replace=record) as tmp:
+        yield tmp
 
 
 def write_text(path, text: str) -> None:
