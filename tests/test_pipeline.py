@@ -438,6 +438,26 @@ def test_dicom_files_feed_the_image_pipeline():
         assert check_files([path], 3, progress=False) == []
 
 
+def test_dicom_is_decoded_once_per_sample(monkeypatch):
+    """The crop window's size comes from the header: pydicom decodes the pixels once, not twice."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from tfvision.data import decode as D
+
+    calls = []
+    real = D.dicom_display
+    monkeypatch.setattr(D, "dicom_display", lambda b: calls.append(1) or real(b))
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        path = get_testdata_file(name, download=False)
+        calls.clear()
+        img = D.decode(read(path), 1)  # window drawn from image_shape, then the decode
+        assert len(calls) == 1
+        ds = dcmread(path)
+        assert D.image_shape(read(path)).numpy().tolist() == [ds.Rows, ds.Columns] == list(img.shape[:2])
+        assert len(calls) == 1  # the shape alone decodes nothing
+
+
 def test_albumentations_bridge_runs_a_ported_compose(odd_images, tmp_path):
     import albumentations as A
 

@@ -76,6 +76,21 @@ def dicom_display(data: bytes) -> np.ndarray:
     return out[..., None].astype(np.float32)
 
 
+def dicom_shape(data: bytes) -> np.ndarray:
+    """[rows, columns] from the DICOM header alone (pixel data is not read).
+
+    The crop window needs the image's size before the decode; decoding the pixels for it
+    would decode every DICOM twice per sample (pydicom, outside the graph, is the slow part).
+    """
+    import io
+
+    from tfvision.medical.dicom import read_dataset
+
+    raw = data.item() if isinstance(data, np.ndarray) else bytes(data)
+    header = read_dataset(io.BytesIO(raw), pixels=False)
+    return np.array([int(header.Rows), int(header.Columns)], np.int32)
+
+
 def _first(value):
     if value is None:
         return None
@@ -93,6 +108,12 @@ def _dicom(data: tf.Tensor) -> tf.Tensor:
     return img
 
 
+def _dicom_shape(data: tf.Tensor) -> tf.Tensor:
+    hw = tf.numpy_function(dicom_shape, [data], tf.int32, stateful=False)
+    hw.set_shape([2])
+    return hw
+
+
 def _other(data: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(data, channels=0, dtype=tf.float32, expand_animations=False) * 255.0
 
@@ -103,7 +124,7 @@ def image_shape(data: tf.Tensor) -> tf.Tensor:
         [
             (is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[:2]),
             (is_png(data), lambda: _png_shape(data)),
-            (is_dicom(data), lambda: tf.shape(_dicom(data))[:2]),
+            (is_dicom(data), lambda: _dicom_shape(data)),
         ],
         default=lambda: tf.shape(_other(data))[:2],
     )
