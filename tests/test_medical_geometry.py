@@ -842,3 +842,25 @@ def test_philips_enhanced_mr_multiframe(tmp_path):
             assert record(case, tool, corner_error(expected, affine_corners(theirs.affine, theirs.shape))) < 1e-2
             np.testing.assert_allclose(nib.as_closest_canonical(theirs).get_fdata(), want, rtol=1e-5)
 
+
+def test_philips_enhanced_mr_per_frame_rescale(tmp_path):
+    # The same real file with its per-frame PixelValueTransformationSequence rewritten so odd frames carry
+    # twice the slope and an intercept: a functional group may differ per frame, and each frame's own
+    # transform must be applied (tfvision applied the first frame's to all of them).
+    def edit(ds):
+        for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            transform = item.PixelValueTransformationSequence[0]
+            transform.RescaleSlope = f"{float(transform.RescaleSlope) * (1 + k % 2):.6f}"
+            transform.RescaleIntercept = str(-5 * (k % 2))
+
+    path, ds, stored = philips_mprage(tmp_path / "in", edit)
+    pairs = np.array([(float(f.PixelValueTransformationSequence[0].RescaleSlope),
+                       float(f.PixelValueTransformationSequence[0].RescaleIntercept))
+                      for f in ds.PerFrameFunctionalGroupsSequence])
+    result = convert_series([path], tmp_path / "out")
+    assert result["status"] == "ok", result
+    order = frame_order(philips_frames(ds))
+    want = stored[order] * pairs[order, 0, None, None] + pairs[order, 1, None, None]
+    np.testing.assert_allclose(np.asarray(nib.load(result["output"]).dataobj), want.transpose(2, 1, 0), rtol=1e-6)
+    side = json.loads(Path(result["output"][:-7] + ".json").read_text())
+    assert sorted(map(tuple, side["rescale"])) == sorted(set(map(tuple, pairs.tolist())))

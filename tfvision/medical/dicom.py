@@ -243,6 +243,25 @@ def _rescale(ds, meta: dict, path, warn: bool) -> tuple[float, float]:
     return (1.0 if slope is None else float(slope)), (0.0 if intercept is None else float(intercept))
 
 
+def _frame_rescales(ds, frames: int) -> list[tuple[float, float]] | None:
+    """Per-frame (slope, intercept) of an enhanced multi-frame object whose frames differ, else None.
+
+    Pixel Value Transformation is a functional group (PS3.3 C.7.6.16.2.9): shared by all frames or
+    given per frame, and per frame it may vary (Philips scales frames of one file differently).
+    """
+    shared = ds.get("SharedFunctionalGroupsSequence") or [{}]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if "RescaleSlope" in ds or shared[0].get("PixelValueTransformationSequence") or len(per_frame) != frames:
+        return None
+    pairs = []
+    for item in per_frame:
+        seq = item.get("PixelValueTransformationSequence")
+        if not seq or "RescaleSlope" not in seq[0]:
+            return None
+        pairs.append((float(seq[0].RescaleSlope), float(seq[0].get("RescaleIntercept", 0.0))))
+    return pairs if len(set(pairs)) > 1 else None
+
+
 def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a DICOM image as float32 real-world values plus its metadata.
 
@@ -265,7 +284,8 @@ def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[
     Returns:
         ``(array, meta)``: the array is [H, W] for one frame, [frames, H, W]
         for multi-frame files, with a trailing channel axis for colour. Meta
-        is :func:`header_meta` plus ``rescale_slope``, ``rescale_intercept``,
+        is :func:`header_meta` plus ``rescale_slope``, ``rescale_intercept``
+        (the first frame's; ``frame_rescale`` lists every frame's when they differ),
         ``rescale_defaulted`` (the tags that were absent), ``modality_lut``,
         ``dose_grid_scaling`` (RT Dose, already applied), ``unit`` (``"HU"``
         for CT, ``"Gy"`` or ``"relative"`` for RT Dose, else RescaleType or None),
@@ -296,8 +316,14 @@ def read_dicom(path: str | Path, *, warn_missing_rescale: bool = True) -> tuple[
             dose = meta["modality"] == "RTDOSE"
             slope, intercept = _rescale(ds, meta, path, warn_missing_rescale and not dose)
             meta["rescale_defaulted"] = [] if dose else meta["rescale_defaulted"]
+            pairs = None if dose else _frame_rescales(ds, meta["number_of_frames"])
+            if pairs:  # each frame through its own transform
+                slopes, intercepts = np.asarray(pairs).T[:, :, None, None]
+                meta["frame_rescale"] = pairs
+            else:
+                slopes, intercepts = slope, intercept
             # Same arithmetic as apply_modality_lut: float64, multiply, then add.
-            arr = raw.astype(np.float64) * slope + intercept
+            arr = raw.astype(np.float64) * slopes + intercepts
     else:
         arr = raw.astype(np.float64)
     meta["inverted"] = meta["photometric_interpretation"] == "MONOCHROME1"

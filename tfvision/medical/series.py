@@ -397,7 +397,8 @@ def _stack(geo: dict) -> tuple[np.ndarray, dict[str, Any]]:
         if arr.shape != (h["rows"], h["columns"]):
             raise DataError(f"{h['path']}: pixel array {arr.shape} is not one grey slice")
         volume[:, :, k] = arr.T  # (row, column) -> (x = column, y = row)
-        rescales.add((m["rescale_slope"], m["rescale_intercept"]))
+        rescales.add(tuple(m["frame_rescale"][h["frame"]]) if m.get("frame_rescale")
+                     else (m["rescale_slope"], m["rescale_intercept"]))
         units.add(m["unit"])
         defaulted += bool(m["rescale_defaulted"])
     if defaulted:
