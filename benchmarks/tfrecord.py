@@ -41,7 +41,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from tfvision.config import TierConfig, config_from_dict  # noqa: E402  (no TensorFlow import)
+from tfvision.config import TierConfig
+from tfvision.config_loader import config_from_dict  # noqa: E402  (no TensorFlow import)
 
 N_CLASSES = 10
 

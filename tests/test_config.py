@@ -8,7 +8,8 @@ import time
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tfvision.config import Config, json_schema, load_config
+from tfvision.config import Config
+from tfvision.config_loader import json_schema, load_config
 from tfvision.errors import ConfigError
 
 
@@ -100,9 +101,9 @@ def test_overrides_are_typed_and_validated(tmp_path, base):
     assert "train.batch_sise" in error_of(tmp_path, base, ["train.batch_sise=8"])
 
 
-def test_not_implemented_task_is_reported(tmp_path, base):
-    base["task"] = "instance_segmentation"
-    assert "task" in error_of(tmp_path, base) and "not implemented" in error_of(tmp_path, base)
+def test_unknown_task_is_reported_with_a_hint(tmp_path, base):
+    base["task"] = "clasification"
+    assert "task: unknown task 'clasification' (did you mean 'classification'?)" in error_of(tmp_path, base)
 
 
 def test_segmentation_needs_masks_and_class_names(tmp_path, base):
@@ -135,7 +136,7 @@ def test_cli_rejects_bad_config_fast_without_tensorflow(tmp_path, base):
 
 def test_validation_does_not_import_tensorflow(tmp_path, base):
     p = write(tmp_path, base)
-    code = (f"import sys; from tfvision.config import load_config; load_config({str(p)!r}); "
+    code = (f"import sys; from tfvision.config_loader import load_config; load_config({str(p)!r}); "
             "from tfvision.data.sources import load_samples; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     r = run_cli("-c", code)

@@ -144,14 +144,14 @@ def test_ensemble_averages_member_probabilities(run, tmp_path):
 
 
 def test_multilabel_scorer_skips_unknown_labels_and_tunes_thresholds():
-    from tfvision.evaluate import SCORERS
+    from tfvision.tasks import get_task
 
     rng = np.random.default_rng(0)
     n, k = 400, 3
     y = (rng.random((n, k)) < [0.2, 0.5, 0.1]).astype(float)
     logits = (2 * y - 1) * rng.gamma(2.0, 1.0, (n, k)) + rng.normal(0, 1.5, (n, k))
     y[rng.random((n, k)) < 0.2] = -1  # unknown: never a negative
-    scorer = SCORERS["multilabel"](["a", "b", "c"])
+    scorer = get_task("multilabel").scorer(["a", "b", "c"])
     probs = 1 / (1 + np.exp(-logits))
     m = scorer.metrics(y, probs)
     for c, name in enumerate("abc"):

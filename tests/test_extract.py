@@ -266,7 +266,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 def test_tfrecord_shards_give_the_same_features_as_the_files(small_digits, tmp_path):
     convert = pytest.importorskip("tfvision.convert")
     from tests.test_tfrecord import write_config
-    from tfvision.config import load_config
+    from tfvision.config_loader import load_config
 
     cfg = load_config(write_config(small_digits, tmp_path))
     shards = tmp_path / "shards"
@@ -291,7 +291,7 @@ def test_truncated_shard_stops_with_exit_2_naming_it(small_digits, tmp_path, cap
     # extract reads shards through the trainer's reader, so it gets the same truncation check.
     convert = pytest.importorskip("tfvision.convert")
     from tests.test_tfrecord import write_config
-    from tfvision.config import load_config
+    from tfvision.config_loader import load_config
 
     shards = tmp_path / "shards"
     convert.convert(load_config(write_config(small_digits, tmp_path)), shards, shard_mb=0.03, gzip=False,

@@ -196,7 +196,7 @@ def test_split_lists_keep_multilabel_columns_for_resume(tmp_path):
 
 
 def test_class_weights_weigh_labels_and_never_drop_a_sample(small_digits, tmp_path):
-    from tfvision.config import load_config
+    from tfvision.config_loader import load_config
     from tfvision.data.inputs import FileInputs
     from tfvision.tasks import get_task
 

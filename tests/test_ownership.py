@@ -54,7 +54,7 @@ def test_prepare_builds_into_new_or_empty_folders_and_reuses_its_own(tmp_path, m
 
 
 def test_prepare_without_root_builds_in_the_cache():
-    from tfvision.config import config_from_dict
+    from tfvision.config_loader import config_from_dict
 
     cfg = config_from_dict({"data": {"source": "csv", "prepare": "sklearn_digits", "csv": "digits.csv"},
                             "model": {"backbone": "small_cnn"}})
@@ -123,8 +123,8 @@ def test_volume_slices_go_to_the_cache_with_sanitised_patient_folders(tmp_path):
     """A patient id like ../x or /abs must not write outside the cache; the root stays untouched."""
     pytest.importorskip("nilearn.datasets")
     import pandas as pd
-    from tests.layouts import mni_volumes
 
+    from tests.layouts import mni_volumes
     from tfvision.config import DataConfig
     from tfvision.data.sources import load_samples
 

@@ -51,7 +51,7 @@ def _config(root, tmp_path, **over):
 def test_volumes_become_integer_slices_with_patient_groups(mni, tmp_path):
     from PIL import Image
 
-    from tfvision.config import load_config
+    from tfvision.config_loader import load_config
     from tfvision.data.sources import load_samples
 
     cfg = load_config(_config(mni, tmp_path))

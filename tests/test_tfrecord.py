@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO, run_cli
-from tfvision.config import load_config
+from tfvision.config_loader import load_config
 from tfvision.convert import convert, main
 from tfvision.data.pipeline import PipelineSpec
 from tfvision.data.sources import load_samples

@@ -110,7 +110,7 @@ def test_unchecked_run_skips_a_val_file_broken_after_listing(small_digits, tmp_p
 
 
 def test_mixed_precision_logs_the_rate_each_group_trains_at(small_digits, tmp_path):
-    from tfvision.config import load_config
+    from tfvision.config_loader import load_config
     from tfvision.schedules import build_schedule
     from tfvision.train import main
 

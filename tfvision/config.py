@@ -4,9 +4,8 @@ The schema is plain dataclasses; constraints ride in field metadata so the
 validator and the JSON Schema export read one source. Nothing here imports
 TensorFlow: a typo in a config must cost a second, not a minute.
 
->>> cfg = load_config("configs/demo.json", ["train.epochs=2"])
->>> cfg.train.epochs
-2
+The loader (`tfvision.config_loader.load_config`) sits above the tasks, which
+add their own sections and rules; this module sits below everything.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +21,6 @@ from typing import Any, Literal
 
 from tfvision.errors import ConfigError, did_you_mean
 
-TASKS = ("classification", "multilabel", "segmentation", "instance_segmentation")
-IMPLEMENTED_TASKS = ("classification", "multilabel", "segmentation")
 # The backbone registry's names, listed here so a typo is caught before TensorFlow loads
 # (tests check the two agree).
 BACKBONE_NAMES = (
@@ -279,8 +275,9 @@ class ScheduleConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    name: Literal["crossentropy", "focal", "dice", "ce_dice"] = opt(
-        "crossentropy", help="dice and ce_dice are for segmentation")
+    name: str | None = opt(
+        None, help="the task's loss: crossentropy or focal (classification, multilabel), also dice and ce_dice "
+        "(segmentation), mse, huber or smooth_l1 (regression); default: the task's first")
     label_smoothing: float = opt(0.0, min=0.0, max=0.5)
     class_weights: Literal["none", "inverse", "normalized", "sqrt_inverse"] = opt("none")
     class_weights_file: str | None = opt(
@@ -330,18 +327,24 @@ def default_phases(cfg: Config) -> list[PhaseConfig]:
 
 @dataclass(kw_only=True)
 class Config:
-    task: Literal["classification", "multilabel", "segmentation", "instance_segmentation"] = opt(
-        "classification"
-    )
+    task: str = opt("classification", help="a registered task (tfvision.tasks): classification, multilabel, "
+                    "segmentation, regression, ...")
     seed: int = opt(42, min=0)
     data: DataConfig = opt()
     model: ModelConfig = opt()
     augment: AugmentConfig = opt(factory=AugmentConfig)
     train: TrainConfig = opt(factory=TrainConfig)
     name: str | None = opt(None, help="run name; default is the config file name")
+    # The task's own section (`Task.options`), written in JSON under the task's name, e.g.
+    # {"task": "regression", "regression": {...}}; filled by the loader.
+    task_options: Any = opt(None, internal=True)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        options = out.pop("task_options")
+        if options is not None:
+            out[self.task] = options
+        return out
 
 
 # --------------------------------------------------------------------------- validation
@@ -402,7 +405,7 @@ def _coerce(value, tp, path: str, meta: dict):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Invalid
-        return _build(tp, value, path)
+        return build(tp, value, path)
     if origin is list:
         if not isinstance(value, list):
             raise _Invalid
@@ -440,9 +443,10 @@ def _check_range(value, path, meta):
         raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}")
 
 
-def _build(cls, raw: dict, prefix: str):
+def build(cls, raw: dict, prefix: str = ""):
+    """The dataclass `cls` from a JSON object; unknown keys, wrong types and ranges raise ConfigError."""
     hints = _hint(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in raw:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else key
@@ -473,7 +477,8 @@ def _resolve_root(data: DataConfig) -> None:
         data.root = str(user_cache_dir() / "datasets" / data.prepare)
 
 
-def _check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config) -> None:
+    """The files and folders the config names exist (local ones; shards may be remote)."""
     data = cfg.data
     _resolve_root(data)
     root = Path(data.root)
@@ -503,21 +508,14 @@ def _check_paths(cfg: Config) -> None:
         raise ConfigError(f"model.weights: {w!r} is neither 'imagenet', null, nor an existing file")
 
 
-def _check_semantics(cfg: Config) -> None:
-    """Cross-field rules that a type cannot express."""
-    if cfg.task not in IMPLEMENTED_TASKS:
-        raise ConfigError(f"task: {cfg.task!r} is planned but not implemented yet (available: {list(IMPLEMENTED_TASKS)})")
-    names = BACKBONE_NAMES + (("unet",) if cfg.task == "segmentation" else ())
+def check_semantics(cfg: Config, task_backbones: tuple[str, ...] = ()) -> None:
+    """Cross-field rules that a type cannot express and that hold for every task (each task adds
+    its own in `Task.check_config`); `task_backbones`: the task's own model.backbone names."""
+    names = BACKBONE_NAMES + tuple(task_backbones)
     if cfg.model.backbone not in names:
         hint = did_you_mean(cfg.model.backbone, names, known="known")
         raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}{hint}")
     d = cfg.data
-    if d.source == "chexpert" and cfg.task != "multilabel":
-        raise ConfigError("data.source: 'chexpert' needs task 'multilabel'")
-    if cfg.task == "multilabel" and d.source not in ("chexpert", "csv", "tfrecord"):
-        raise ConfigError(f"data.source: task 'multilabel' reads 'chexpert' or 'csv' (with data.label_columns), not {d.source!r}")
-    if cfg.task == "multilabel" and d.source == "csv" and not d.label_columns:
-        raise ConfigError("data.label_columns: required for a multilabel CSV")
     for key in ("uncertain", "blank"):
         for cls, pol in getattr(d, key).per_class.items():
             if pol not in POLICIES:
@@ -526,16 +524,6 @@ def _check_semantics(cfg: Config) -> None:
     for cls, f in d.oversample.factors.items():
         if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
             raise ConfigError(f"data.oversample.factors.{cls}: expected a positive number, got {json.dumps(f)}")
-    if d.source == "volumes" and (cfg.task != "segmentation" or not d.mask_column or not d.csv):
-        raise ConfigError("data.source: 'volumes' needs task 'segmentation', data.csv and data.mask_column")
-    if cfg.train.loss.name in ("dice", "ce_dice") and cfg.task != "segmentation":
-        raise ConfigError(f"train.loss.name: {cfg.train.loss.name!r} is for task 'segmentation'")
-    if cfg.task == "segmentation":
-        if not d.mask_column and d.source != "tfrecord":  # shards carry their masks
-            raise ConfigError("data.mask_column: required for task 'segmentation'")
-        if not d.class_names or len(d.class_names) < 2:
-            raise ConfigError("data.class_names: segmentation needs the class names, background first "
-                              '(e.g. ["background", "tumour"])')
     if d.source == "csv" and d.csv is None:
         raise ConfigError("data.csv: required when data.source is 'csv'")
     if isinstance(d.image_size, list) and len(d.image_size) != 2:
@@ -577,73 +565,6 @@ def _all_params(aug: AugmentConfig):
         yield f"tiers.{n}", getattr(aug.tiers, n)
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value). Values are JSON when they parse, else strings."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key.path=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {k!r} is not an object")
-        node[keys[-1]] = value
-    return raw
-
-
-def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
-    """Validate a raw dict. Errors are prefixed with `source`."""
-    try:
-        cfg = _build(Config, raw, "")
-        _check_semantics(cfg)
-        _check_paths(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a JSON config file.
-
-    Args:
-        path: the JSON file.
-        overrides: `key.path=value` strings, applied before validation.
-
-    Returns:
-        The validated `Config`.
-
-    Raises:
-        ConfigError: with the file, key path and problem in one line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be an object")
-    raw = apply_overrides(raw, overrides or [])
-    cfg = config_from_dict(raw, str(path))
-    if cfg.name is None:
-        cfg.name = path.stem
-    return cfg
-
-
 # --------------------------------------------------------------------------- JSON Schema
 
 
@@ -671,10 +592,13 @@ def _schema_for(tp, meta: dict) -> dict:
 
 
 def json_schema(cls=Config) -> dict:
-    """The JSON Schema of a config section (default: the whole config)."""
+    """The JSON Schema of a config section; the whole config's, with each task's section and rules,
+    is `tfvision.config_loader.json_schema`."""
     hints = _hint(cls)
     props, required = {}, []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
         s = _schema_for(hints[f.name], dict(f.metadata))
         if f.metadata.get("help"):
             s["description"] = f.metadata["help"]

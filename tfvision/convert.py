@@ -38,7 +38,8 @@ import pandas as pd
 
 from tfvision import __version__
 from tfvision.cli import run_command
-from tfvision.config import Config, load_config
+from tfvision.config import Config
+from tfvision.config_loader import load_config
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
 from tfvision.fileio import check_output_outside, read_json, write_json

@@ -49,7 +49,7 @@ def _config(cfg, run) -> list[str]:
     t, m, d = c["train"], c["model"], c["data"]
     epochs = sum(p["epochs"] for p in t["phases"]) if t["phases"] else t["epochs"]
     rows = [
-        ["task", f"{c['task']} ({run.activation})"], ["backbone", m["backbone"]], ["weights", json.dumps(m["weights"])],
+        ["task", f"{c['task']} ({run.task.activation})"], ["backbone", m["backbone"]], ["weights", json.dumps(m["weights"])],
         ["head", json.dumps(m["head"])], ["image size", run.image_size], ["channels", run.channels],
         ["normalization", d["normalization"]], ["epochs", epochs], ["batch size", t["batch_size"]],
         ["optimizer", f"{t['optimizer']['name']} lr={t['optimizer']['lr']}"],
@@ -91,6 +91,8 @@ def _confused(metrics: dict) -> list[str]:
 
 def _calibration(metrics: dict) -> list[str]:
     cal = metrics["calibration"]
+    if cal["val"]["before"]["nll"] is None:  # the task's outputs are not probabilities (regression)
+        return []
     t = cal["temperature"]
     verdict = ("over-confident: probabilities are softened" if t > 1.05 else
                "under-confident: probabilities are sharpened" if t < 0.95 else "already close to calibrated")

@@ -63,6 +63,7 @@ from tfvision.fileio import (
     write_text,
 )
 from tfvision.run import read_run
+from tfvision.tasks import get_task
 
 REPORT = "export_report.json"  # written last: marks a folder as a finished export of ours
 log = logging.getLogger("tfvision.export")
@@ -94,9 +95,7 @@ def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:
         "image_size": info["image_size"], "channels": info["channels"],
         "inputs": {"image": "uint8 [N, H, W, C], any H and W; resized inside",
                    "image_bytes": "string [N], encoded JPEG/PNG (SavedModel serve_bytes only)"},
-        "outputs": {"probabilities": "float32 [N, K], or [N, H, W, K] for dense (per-pixel) models: "
-                                     "the input's H and W (serve_bytes: the run's image size)",
-                    "labels": "int64: class index, or multi-hot [..., K] for sigmoid models"},
+        "outputs": get_task(info["task"]).output.describe(),
         "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -114,11 +113,13 @@ def export(run_dir: Path, formats: list[str], tmp: Path, *, float16=False, quant
     info = read_run(run_dir)
     model = load_float32_model(run_dir)
     module = serving.ServingModule(
-        model, image_size=info["image_size"], channels=info["channels"], activation=info["activation"],
-        temperature=info["temperature"], decision=info["decision"])
+        model, image_size=info["image_size"], channels=info["channels"], output=get_task(info["task"]).output,
+        class_names=info["class_names"], temperature=info["temperature"], decision=info["decision"])
     info["rule"] = module.rule.obj
-    if (info["decision"] or {}).get("kind") == "distribution":
-        log.warning("thresholds.json: the 'distribution' rule needs a whole batch; exported labels are argmax")
+    tuned = (info["decision"] or {}).get("kind")
+    if tuned and tuned != info["rule"]["kind"]:  # e.g. class quotas, which need a whole batch
+        log.warning("thresholds.json: the %r rule cannot run per request; exported labels use %r",
+                    tuned, info["rule"]["kind"])
     meta = _metadata(run_dir, info, info["rule"])
     write_text(tmp / "class_names.txt", "\n".join(info["class_names"]) + "\n")
     write_json(tmp / "export.json", meta)
@@ -245,12 +246,13 @@ def reference(model, info: dict, arrays, raw) -> tuple[list[np.ndarray], list[np
     import tensorflow as tf
 
     from tfvision.data.decode import decode_resized
-    from tfvision.serving import logits_at_input_size, postprocess
+    from tfvision.serving import logits_at_input_size
 
     size = tuple(info["image_size"])
+    output = get_task(info["task"]).output
 
     def probs(logits):
-        return postprocess(logits, info["activation"], info["temperature"], info["rule"])["probabilities"].numpy()
+        return output.serve(logits, info["temperature"], info["rule"])[output.compared].numpy()
 
     from_uint8 = _run_all(lambda b: probs(logits_at_input_size(model, tf.cast(b, tf.float32), size)), arrays)
     decoded = np.stack([decode_resized(tf.constant(d), info["channels"], size).numpy() for d in raw])
@@ -258,35 +260,37 @@ def reference(model, info: dict, arrays, raw) -> tuple[list[np.ndarray], list[np
     return from_uint8, from_bytes
 
 
-def runner(entry: dict, root: Path):
-    """A callable batch -> probabilities that runs the artifact with its own runtime."""
+def runner(entry: dict, root: Path, key: str):
+    """A callable batch -> the float output `key` (the task's `Output.compared`), running the
+    artifact with its own runtime."""
     path = root / entry["path"]
     if entry["format"] == "savedmodel":
         import tensorflow as tf
 
         sig = tf.saved_model.load(str(path)).signatures[entry["signature"]]
         if entry["signature"] == "serve_bytes":
-            return lambda b: sig(image_bytes=tf.constant(b))["probabilities"].numpy()
-        return lambda b: sig(image=tf.constant(b))["probabilities"].numpy()
+            return lambda b: sig(image_bytes=tf.constant(b))[key].numpy()
+        return lambda b: sig(image=tf.constant(b))[key].numpy()
     if entry["format"] == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda b: session.run(["probabilities"], {"image": b})[0]
+        return lambda b: session.run([key], {"image": b})[0]
     from tfvision.serving import tflite_interpreter
 
     _, run = tflite_interpreter(path)
-    return lambda b: run(image=b)["probabilities"]
+    return lambda b: run(image=b)[key]
 
 
 def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str]) -> tuple[bool, list[dict]]:
     """Fill max_abs_diff, top1_agreement, n_images and passed into each entry; returns whether
     all passed, and the images left out because they do not decode."""
     arrays, raw, skipped = _load_images(paths, info["channels"])
+    output = get_task(info["task"]).output
     ref_uint8, ref_bytes = reference(model, info, arrays, raw)
     ok = True
     for e in entries:
-        call = runner(e, root)
+        call = runner(e, root, output.compared)
         if e.get("signature") == "serve_bytes":
             got = [p for s in range(0, len(raw), 16) for p in call(raw[s : s + 16])]
             ref = ref_bytes
@@ -301,8 +305,7 @@ def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str])
             continue
         diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
         # top-1 per image, or per pixel for dense outputs
-        top1 = float(np.mean(np.concatenate([(g.argmax(-1) == r.argmax(-1)).ravel()
-                                             for g, r in zip(got, ref, strict=True)])))
+        top1 = float(np.mean(np.concatenate([output.agree(g, r).ravel() for g, r in zip(got, ref, strict=True)])))
         e.update(max_abs_diff=diff, top1_agreement=top1, n_images=len(arrays),
                  passed=bool(all(np.isfinite(g).all() for g in got) and diff <= e["threshold"]))
         ok &= e["passed"]

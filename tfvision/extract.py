@@ -326,24 +326,25 @@ def extract(args) -> dict:
     from tqdm import tqdm
 
     from tfvision.losses import class_weights
+    from tfvision.tasks import get_task
 
     source = Path(args.input)
     if is_tfrecord_dir(source):
-        elements, n, class_names, task = _elements_from_records(source, args.split)
-        listing, multilabel = None, task == "multilabel"
+        elements, n, class_names, task_name = _elements_from_records(source, args.split)
+        listing, task = None, get_task(task_name)
         description = f"tfrecord {source} ({', '.join(args.split)})"
     else:
         listing = (list_folder(source) if source.is_dir() else
                    list_csv(source, args.path_column, args.label_column, args.id_column, args.path_template,
                             Path(args.root) if args.root else None))
-        elements, n, class_names, multilabel, task = (_elements_from_listing(listing), len(listing),
-                                                      listing.class_names, False, None)
+        elements, n, class_names, task = (_elements_from_listing(listing), len(listing), listing.class_names,
+                                          None)
         description = listing.description
         index = {c: i for i, c in enumerate(class_names or [])}
     if n == 0:
         raise DataError(f"{source}: no images")
     has_labels = class_names is not None and (listing.labels is not None if listing is not None
-                                              else task in ("classification", "multilabel"))
+                                              else task.label_layout is not None)
 
     import keras
 
@@ -358,7 +359,8 @@ def extract(args) -> dict:
     out = Path(args.output)
     dtype = np.dtype(args.dtype)
     feats = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=dtype, shape=(n, dim))
-    label_shape = (n, len(class_names)) if multilabel else (n,)
+    multi_hot = task is not None and task.label_layout == "multi_hot"
+    label_shape = (n, len(class_names)) if multi_hot else (n,)
     labels = (np.lib.format.open_memmap(out / "labels.npy", mode="w+", dtype=np.int64, shape=label_shape)
               if has_labels else None)
     total, total_sq, rows = np.zeros(dim), np.zeros(dim), 0
@@ -381,14 +383,13 @@ def extract(args) -> dict:
             total += stored.sum(0, dtype=np.float64)
             total_sq += np.square(stored, dtype=np.float64).sum(0)
             for j, i in enumerate(idx):
-                row_id, path, label = _row(listing, batch, j, i, class_names, multilabel)
+                row_id, path, label = _row(listing, batch, j, i, class_names, task)
                 writer.writerow([rows + j, row_id, path, label])
             if labels is not None:
                 if listing is not None:
                     labels[rows : rows + b] = [index[listing.labels[i]] for i in idx]
                 else:
-                    target = batch["label"].numpy()
-                    labels[rows : rows + b] = (target >= 0.5).astype(np.int64) if multilabel else target.argmax(1)
+                    labels[rows : rows + b] = task.image_labels(batch["label"].numpy())
             rows += b
             done[idx] = True
             bar.update(b)
@@ -418,9 +419,9 @@ def extract(args) -> dict:
     }
     if has_labels:
         lab = np.load(out / "labels.npy", mmap_mode="r")
-        counts = (np.asarray(lab).sum(0) if multilabel else np.bincount(lab, minlength=len(class_names))).astype(int)
+        counts = (np.asarray(lab).sum(0) if multi_hot else np.bincount(lab, minlength=len(class_names))).astype(int)
         meta.update(class_names=class_names, label_encoder={c: i for i, c in enumerate(class_names)},
-                    num_classes=len(class_names), labels="multi-hot" if multilabel else "index",
+                    num_classes=len(class_names), labels="multi-hot" if multi_hot else "index",
                     class_counts={c: int(k) for c, k in zip(class_names, counts, strict=True)},
                     # = sklearn compute_class_weight("balanced"): N / (K * n_k)
                     class_weights=[round(float(w), 6) for w in class_weights(counts, "inverse")])
@@ -432,12 +433,10 @@ def _id_of(listing, batch, j, idx):
     return listing.ids[idx[j]] if listing is not None else batch["id"][j].numpy().decode()
 
 
-def _row(listing, batch, j, i, class_names, multilabel):
+def _row(listing, batch, j, i, class_names, task):
     if listing is not None:
         return listing.ids[i], listing.paths[i], listing.labels[i] if listing.labels is not None else ""
-    target = batch["label"][j].numpy()
-    label = ";".join(c for c, t in zip(class_names, target, strict=True) if t >= 0.5) if multilabel else (
-        class_names[int(target.argmax())])
+    label = task.output.label(task.image_labels(batch["label"][j : j + 1].numpy())[0], class_names)
     return batch["id"][j].numpy().decode(), "", label
 
 

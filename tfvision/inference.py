@@ -1,7 +1,7 @@
 """Trained runs -> probabilities: the half that evaluate and predict share.
 
     run folder -> LoadedRun: best.keras, run.json, calibration.json (temperature),
-                  thresholds.json (the decision rule)
+                  thresholds.json (the decision rule, applied by the task's `Output.decide`)
     images     -> the training pipeline's decode + resize (no augmentation)
                -> one compiled tf.function: a forward pass per TTA view -> logits [V, N, K]
                -> activation(logits / T), averaged over views, then over ensemble members
@@ -23,7 +23,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfvision import metrics as M
 from tfvision.config import AugmentParams
 from tfvision.data.check import check_files
 from tfvision.data.pipeline import PipelineSpec, from_elements
@@ -31,6 +30,7 @@ from tfvision.errors import UserError
 from tfvision.models import layers as _layers  # noqa: F401  (registers tfvision layers for loading)
 from tfvision.models import unet_blocks as _unet_blocks  # noqa: F401  (U-Net checkpoints: PadToMultiple, CropTo)
 from tfvision.run import read_run
+from tfvision.tasks import Task, get_task
 
 # --------------------------------------------------------------------------- TTA views
 CROP = 0.875  # side fraction of the five crops (the classic 224-of-256)
@@ -104,6 +104,7 @@ class LoadedRun:
     run_dir: Path
     model: keras.Model
     info: dict  # `run.read_run`: run.json plus temperature and decision
+    task: Task  # the run's task: its output decides what probabilities and labels are
 
     @property
     def temperature(self) -> float:
@@ -114,12 +115,8 @@ class LoadedRun:
         return self.info["decision"]  # thresholds.json
 
     @property
-    def task(self) -> str:
+    def task_name(self) -> str:
         return self.info["task"]
-
-    @property
-    def activation(self) -> str:
-        return self.info["activation"]
 
     @property
     def class_names(self) -> list[str]:
@@ -144,29 +141,7 @@ def load_run(run_dir, checkpoint: str = "best") -> LoadedRun:
     info = read_run(run_dir, checkpoint)
     # compile=False: inference only. safe_mode stays on: models hold only registered layers.
     model = keras.saving.load_model(run_dir / "checkpoints" / f"{checkpoint}.keras", compile=False)
-    return LoadedRun(run_dir, model, info)
-
-
-def activate(logits, activation: str, temperature: float = 1.0) -> np.ndarray:
-    """Probabilities from logits [..., K] with a temperature (softmax or sigmoid)."""
-    if activation == "softmax":
-        return M.softmax(logits, temperature)
-    if activation == "sigmoid":
-        return M.sigmoid(np.asarray(logits, np.float64) / temperature)
-    raise UserError(f"run.json: activation {activation!r} is not supported (softmax, sigmoid)")
-
-
-def predict_logits(model: keras.Model, dataset) -> np.ndarray:
-    """Logits for a dataset of ``(x, ...)`` batches, through a compiled `tf.function`.
-
-    About 2x `model.predict` on CPU (benchmarks/README.md).
-    """
-
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        return model(x, training=False)
-
-    return np.concatenate([step(batch[0]).numpy() for batch in dataset], axis=0)
+    return LoadedRun(run_dir, model, info, get_task(info["task"]))
 
 
 class Ensemble:
@@ -177,8 +152,8 @@ class Ensemble:
             raise UserError("no runs to predict with")
         first = runs[0]
         for r in runs[1:]:
-            if (r.class_names, r.activation, r.channels) != (first.class_names, first.activation, first.channels):
-                raise UserError(f"--ensemble: {r.run_dir} has other classes, activation or channels than "
+            if (r.class_names, r.task_name, r.channels) != (first.class_names, first.task_name, first.channels):
+                raise UserError(f"--ensemble: {r.run_dir} has another task, classes or channels than "
                                 f"{first.run_dir}; only runs of the same task and classes can be averaged")
         self.runs = runs
         self.views = views or ["identity"]
@@ -212,15 +187,15 @@ class Ensemble:
             outs.append(step(x).numpy())
             if isinstance(batch, tuple | list) and len(batch) > 1:
                 extras.append(batch[1].numpy())
-        k = len(self.main.class_names)
+        k = int(self.runs[i].model.outputs[0].shape[-1])
         logits = np.concatenate(outs, axis=1) if outs else np.zeros((len(self.views), 0, k), np.float32)
         return logits, (np.concatenate(extras, axis=0) if extras else None)
 
     def combine(self, member_logits: list[np.ndarray], temperatures: list[float] | None = None) -> np.ndarray:
-        """Mean over members and views of ``activation(logits / T)`` -> probabilities [N, K]."""
+        """Mean over members and views of ``activate(logits / T)`` -> probabilities [N, K]."""
         temps = temperatures or [r.temperature for r in self.runs]
-        act = self.main.activation
-        return np.mean([activate(z, act, t).mean(axis=0) for z, t in zip(member_logits, temps, strict=True)],
+        output = self.main.task.output
+        return np.mean([output.activate(z, t).mean(axis=0) for z, t in zip(member_logits, temps, strict=True)],
                        axis=0)
 
 
@@ -245,23 +220,23 @@ def image_dataset(paths: list[str], spec: PipelineSpec) -> tf.data.Dataset:
 
 
 def predict_files(ens: Ensemble, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
-    """Probabilities [N, K] for image files (NaN rows where unreadable) and an error per file.
+    """Probabilities [N, ...] for image files (NaN rows where unreadable) and an error per file.
 
     Errors are "" for files that were predicted, else "unreadable image: <the decoder's reason>".
     """
     paths = [str(p) for p in paths]
-    n, k = len(paths), len(ens.main.class_names)
+    n = len(paths)
     member_logits, seen = [], np.ones(n, bool)
     for i, run in enumerate(ens.runs):
         z, index = ens.logits(i, image_dataset(paths, image_spec(run, batch_size)))
-        full = np.full((len(ens.views), n, k), np.nan, np.float32)
+        full = np.full((len(ens.views), n, *z.shape[2:]), np.nan, np.float32)
         if index is not None:
             full[:, index] = z
         member_logits.append(full)
-        seen &= ~np.isnan(full[0, :, 0])
-    probs = np.full((n, k), np.nan)
-    if seen.any():
-        probs[seen] = ens.combine([z[:, seen] for z in member_logits])
+        seen &= ~np.isnan(full[0].reshape(n, -1)[:, 0])
+    combined = ens.combine([z[:, seen] for z in member_logits])
+    probs = np.full((n, *combined.shape[1:]), np.nan)
+    probs[seen] = combined
     errors = [""] * n
     failed = [paths[j] for j in np.flatnonzero(~seen)]
     if failed:
@@ -269,25 +244,3 @@ def predict_files(ens: Ensemble, paths: list[str], batch_size: int = 32) -> tupl
         for j in np.flatnonzero(~seen):
             errors[j] = f"unreadable image: {reasons.get(paths[j], 'decoding failed')}"
     return probs, errors
-
-
-# --------------------------------------------------------------------------- decisions
-def decide(probs: np.ndarray, activation: str, decision: dict | None) -> np.ndarray:
-    """Apply the run's decision rule (thresholds.json) to probabilities [N, K].
-
-    Returns class indices [N] for single-label runs, a boolean [N, K] for multi-label ones.
-
-    Rules (``kind``): ``argmax``; ``multilabel`` (per-class ``thresholds``, default 0.5);
-    ``ordinal`` (``cuts`` on the expected grade ``probs @ arange(K)``); ``distribution``
-    (class ``fractions`` matched over the batch, see `metrics.match_distribution`).
-    """
-    p = np.asarray(probs, np.float64)
-    kind = (decision or {}).get("kind", "multilabel" if activation == "sigmoid" else "argmax")
-    if activation == "sigmoid":
-        th = np.asarray((decision or {}).get("thresholds", 0.5), np.float64)
-        return p >= th
-    if kind == "ordinal":
-        return np.digitize(p @ np.arange(p.shape[1]), np.asarray(decision["cuts"], np.float64))
-    if kind == "distribution":
-        return M.match_distribution(p, decision["fractions"]) if len(p) else np.zeros(0, np.int64)
-    return p.argmax(axis=1)

@@ -81,10 +81,9 @@ def predict(args) -> int:
     ens = inference.Ensemble([inference.load_run(args.run)] + [inference.load_run(d) for d in args.ensemble],
                              inference.tta_views(args.tta))
     run = ens.main
-    if args.volume or run.task == "segmentation":
+    task = run.task
+    if args.volume or task.dense:
         return predict_volume(run, args)
-    if run.task not in ("classification", "multilabel"):
-        raise UserError(f"predict: task {run.task!r} is not supported yet (classification, multilabel)")
     _check_tuning(ens)
     paths = [args.image] if args.image else list_images(args.input_dir)
     probs, errors = inference.predict_files(ens, paths, args.batch_size)
@@ -97,17 +96,18 @@ def predict(args) -> int:
             log.warning("note: %d image(s) are too few to match the class distribution; using argmax",
                         int(ok.sum()))
             decision = {"kind": "argmax"}
-        decided = inference.decide(probs[ok], run.activation, decision)
+        decided = task.output.decide(probs[ok], decision, run.class_names)
         for j, d in zip(np.flatnonzero(ok), decided, strict=True):
-            preds[j] = _label(d, run.class_names)
+            preds[j] = task.output.label(d, run.class_names)
     for path, err in zip(paths, errors, strict=True):
         if err:
             print(f"error: {path}: {err}", file=sys.stderr)
     if args.image:
-        _print_top(paths[0], probs[0], preds[0], run.class_names, args.top, ok[0])
+        _print_top(paths[0], task.output.columns(probs[:1], run.class_names), preds[0], args.top, ok[0])
     output = _csv_output(args)
     if output:
-        frame = table(paths, preds, probs, errors, run.class_names, args.format, args.id_column, args.label_column)
+        frame = table(paths, preds, task.output.columns(probs, run.class_names), errors, args.format,
+                      args.id_column, args.label_column)
         from tfvision.fileio import owned_output
 
         with owned_output(output, "--output") as tmp:
@@ -126,8 +126,9 @@ def predict_volume(run, args) -> int:
 
     from tfvision.medical.volume_inference import predict_volume as segment
 
-    if run.task != "segmentation" or not args.volume:
-        raise UserError("predict: --volume goes with a segmentation run, and a segmentation run needs --volume")
+    if not run.task.dense or not args.volume:
+        raise UserError(f"predict: --volume goes with a per-pixel (segmentation) run, and such a run needs "
+                        f"--volume; {args.run} is a {run.task_name} run")
     if not run.info.get("medical"):
         raise UserError(f"{args.run}: trained on 2D images, not volumes; there is no slicing recipe to apply")
     src = Path(args.volume)
@@ -161,12 +162,6 @@ def _check_outputs(args) -> None:
         check_output_outside(args.gradcam, inputs, "--gradcam")
 
 
-def _label(decided, class_names) -> str:
-    if np.ndim(decided):  # multi-label: every class over its threshold
-        return ";".join(c for c, on in zip(class_names, decided, strict=True) if on)
-    return class_names[int(decided)]
-
-
 def _check_tuning(ens) -> None:
     """Warn when the saved temperature/thresholds were tuned under other TTA views or members."""
     d = ens.main.decision
@@ -178,27 +173,29 @@ def _check_tuning(ens) -> None:
                     d.get("tta"), d.get("ensemble", []), ens.views, others)
 
 
-def _print_top(path, probs, pred, class_names, top, ok) -> None:
+def _print_top(path, columns, pred, top, ok) -> None:
     if not ok:
         return
     print(f"{path}: {pred or '(no label over its threshold)'}")
-    for c in np.argsort(-probs, kind="stable")[:top]:
-        print(f"  {class_names[c]:<24} {probs[c]:.4f}")
+    names = list(columns)
+    values = np.array([columns[c][0] for c in names])
+    for j in np.argsort(-values, kind="stable")[:top]:
+        print(f"  {names[j].removeprefix('prob_'):<24} {values[j]:.4f}")
 
 
-def table(paths, preds, probs, errors, class_names, fmt="default", id_column="id", label_column="label"):
-    """The output CSV as a DataFrame in the chosen layout."""
+def table(paths, preds, columns, errors, fmt="default", id_column="id", label_column="label"):
+    """The output CSV as a DataFrame in the chosen layout; `columns` are the task's float columns
+    (`Output.columns`: ``prob_<class>`` for classifiers)."""
     import pandas as pd
 
-    prob_cols = {f"prob_{c}": probs[:, i] for i, c in enumerate(class_names)}
     if fmt == "default":
-        return pd.DataFrame({"path": paths, "pred": preds, **prob_cols, "error": errors})
+        return pd.DataFrame({"path": paths, "pred": preds, **columns, "error": errors})
     ok = np.array([not e for e in errors])
     ids = [Path(p).stem for p, good in zip(paths, ok, strict=True) if good]
     if fmt == "kaggle-class":
         return pd.DataFrame({id_column: ids, label_column: [p for p, good in zip(preds, ok, strict=True) if good]})
     if fmt == "kaggle-probs":
-        return pd.DataFrame({id_column: ids, **{c: probs[ok, i] for i, c in enumerate(class_names)}})
+        return pd.DataFrame({id_column: ids, **{c.removeprefix("prob_"): v[ok] for c, v in columns.items()}})
     raise UserError(f"--format: unknown layout {fmt!r}")
 
 

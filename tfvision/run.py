@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tfvision.config import Config, config_from_dict
+from tfvision.config import Config
+from tfvision.config_loader import config_from_dict
 from tfvision.errors import ConfigError, UserError
 from tfvision.fileio import ours_or_absent, read_json, write_json
+from tfvision.tasks import task_names
 
 
 def new_run_dir(cfg: Config, output_dir: str | None) -> Path:
@@ -83,7 +85,7 @@ def read_run(run_dir: Path, checkpoint: str = "best") -> dict:
         ``decision`` (thresholds.json, else None) added.
 
     Raises:
-        UserError: not a finished run folder, or a temperature or activation it cannot use.
+        UserError: not a finished run folder, or a temperature or task it cannot use.
     """
     run_dir = Path(run_dir)
     for name in ("run.json", f"checkpoints/{checkpoint}.keras"):
@@ -96,8 +98,9 @@ def read_run(run_dir: Path, checkpoint: str = "best") -> dict:
         raise UserError(f"{calibration}: temperature must be > 0, got {info['temperature']}")
     thresholds = run_dir / "thresholds.json"
     info["decision"] = read_json(thresholds) if thresholds.is_file() else None
-    if info["activation"] not in ("softmax", "sigmoid"):
-        raise UserError(f"{run_dir / 'run.json'}: activation {info['activation']!r} is not supported")
+    if info.get("task") not in task_names():
+        raise UserError(f"{run_dir / 'run.json'}: task {info.get('task')!r} is not one this tfvision knows "
+                        f"({', '.join(task_names())})")
     return info
 
 

@@ -3,8 +3,8 @@
 `ServingModule` wraps a trained Keras model (logits out) into the graph every
 export ships: uint8 images [N, H, W, C] at any size in; resize to the run's
 image size, normalisation (the model's own `ImageNormalization` layer),
-backbone, head, temperature and softmax/sigmoid inside; ``probabilities`` and
-``labels`` out. A second function takes encoded JPEG/PNG bytes and decodes
+backbone, head, temperature and the task's activation and decision rule inside
+(`tfvision.tasks.outputs`); the task's outputs (``probabilities`` and ``labels``) out. A second function takes encoded JPEG/PNG bytes and decodes
 them with the training pipeline's own `decode_resized` (magic bytes, DCT
 downscaling). Dense (per-pixel) models answer at the input's own H x W
 (`logits_at_input_size`), except through the bytes signature, whose batch of
@@ -56,50 +56,6 @@ from tfvision.data.decode import decode_resized
 
 # Conservative default: opset 17 loads in ONNX Runtime >= 1.13 and most other runtimes.
 ONNX_OPSET = 17
-OUTPUTS = ("probabilities", "labels")
-
-
-def decision_rule(activation: str, decision: dict | None, num_classes: int) -> dict:
-    """The labels rule baked into the graph, from thresholds.json (see `tfvision.inference.decide`).
-
-    ``argmax`` (softmax), ``multilabel`` (sigmoid, per-class ``thresholds``, default 0.5) and
-    ``ordinal`` (``cuts`` on the expected grade) are exported. ``distribution`` matches class
-    fractions over a whole batch, which a per-request graph cannot do: it exports as argmax.
-    """
-    decision = decision or {}
-    if activation == "sigmoid":
-        th = np.broadcast_to(np.asarray(decision.get("thresholds", 0.5), np.float64), (num_classes,))
-        return {"kind": "multilabel", "thresholds": [float(t) for t in th]}
-    if decision.get("kind") == "ordinal":
-        return {"kind": "ordinal", "cuts": [float(c) for c in decision["cuts"]]}
-    return {"kind": "argmax"}
-
-
-def postprocess(logits, activation: str, temperature: float, rule: dict) -> dict:
-    """Probabilities and predicted labels from logits, over the last axis.
-
-    Works for vector outputs [N, K] and dense per-pixel outputs [N, h, w, K]
-    alike: argmax -> class index; multilabel -> multi-hot [..., K];
-    ordinal -> number of cuts below the expected grade sum(p_k * k).
-    """
-    logits = tf.cast(logits, tf.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    if activation == "sigmoid":
-        probs = tf.sigmoid(logits)
-    elif activation == "softmax":
-        probs = tf.nn.softmax(logits, axis=-1)
-    else:
-        raise ValueError(f"unknown activation {activation!r} (softmax or sigmoid)")
-    if rule["kind"] == "multilabel":
-        labels = tf.cast(probs >= tf.constant(rule["thresholds"], tf.float32), tf.int64)
-    elif rule["kind"] == "ordinal":
-        grade = tf.reduce_sum(probs * tf.range(tf.shape(probs)[-1], dtype=tf.float32), axis=-1)
-        # == np.digitize(grade, cuts) for increasing cuts, without searchsorted (no ONNX/TFLite op)
-        labels = tf.reduce_sum(tf.cast(grade[..., None] >= tf.constant(rule["cuts"], tf.float32), tf.int64), -1)
-    else:
-        labels = tf.argmax(probs, axis=-1)
-    return {"probabilities": probs, "labels": labels}
 
 
 def logits_at_input_size(model, images, image_size):
@@ -118,9 +74,10 @@ def logits_at_input_size(model, images, image_size):
 
 
 class ServingModule(tf.Module):
-    """uint8 images (any size) or encoded bytes -> probabilities and labels.
+    """uint8 images (any size) or encoded bytes -> the task's outputs (probabilities and labels).
 
-    >>> module = ServingModule(model, image_size=(224, 224), channels=3, activation="softmax")
+    >>> module = ServingModule(model, image_size=(224, 224), channels=3, output=Softmax(),
+    ...                        class_names=["benign", "malignant"])
     >>> module.serve(tf.zeros([2, 480, 640, 3], tf.uint8))["probabilities"].shape
     TensorShape([2, K])
 
@@ -129,13 +86,14 @@ class ServingModule(tf.Module):
             (normalisation is a layer of the model).
         image_size: (H, W) the model was trained at; inputs are resized to it.
         channels: image channels.
-        activation: ``softmax`` or ``sigmoid`` (run.json ``activation``).
+        output: the task's `tfvision.tasks.outputs.Output` (activation, decision, output names).
+        class_names: the run's classes (run.json), for the decision rule.
         temperature: fitted temperature; logits are divided by it.
-        decision: the run's thresholds.json (see `decision_rule`), or None.
+        decision: the run's thresholds.json (see `Output.rule`), or None.
     """
 
-    def __init__(self, model, *, image_size, channels: int, activation: str, temperature: float = 1.0,
-                 decision: dict | None = None):
+    def __init__(self, model, *, image_size, channels: int, output, class_names: list[str],
+                 temperature: float = 1.0, decision: dict | None = None):
         super().__init__(name="tfvision_serving")
         # Only the variables are saved, not the Keras object graph: the SavedModel then loads
         # in about half the time and needs no Keras (or tfvision) to run.
@@ -143,9 +101,9 @@ class ServingModule(tf.Module):
         self.model_variables = [getattr(v, "value", v) for v in model.variables]
         self.image_size = tuple(int(s) for s in image_size)
         self.channels = int(channels)
-        self.activation = activation
+        self.output = _Untracked(output)
         self.temperature = float(temperature)
-        self.rule = _Untracked(decision_rule(activation, decision, int(model.outputs[0].shape[-1])))
+        self.rule = _Untracked(output.rule(decision, list(class_names)))
         self.serve = tf.function(self._serve, input_signature=[
             tf.TensorSpec([None, None, None, self.channels], tf.uint8, name="image")])
         self.serve_bytes = tf.function(self._serve_bytes, input_signature=[
@@ -160,7 +118,7 @@ class ServingModule(tf.Module):
         return self._keras.obj
 
     def _serve(self, image):
-        return postprocess(self.logits(image), self.activation, self.temperature, self.rule.obj)
+        return self.output.obj.serve(self.logits(image), self.temperature, self.rule.obj)
 
     def _serve_bytes(self, image_bytes):
         size = self.image_size
@@ -171,8 +129,7 @@ class ServingModule(tf.Module):
 
         images = tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec(
             [size[0], size[1], self.channels], tf.float32))
-        return postprocess(self.model(images, training=False), self.activation, self.temperature,
-                           self.rule.obj)
+        return self.output.obj.serve(self.model(images, training=False), self.temperature, self.rule.obj)
 
 
 class _Untracked:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from tfvision import __version__
 from tfvision.cli import run_command
-from tfvision.config import json_schema, load_config
+from tfvision.config_loader import json_schema, load_config
 from tfvision.errors import DataError
 from tfvision.run import load_run_config, new_run_dir, open_run
 
@@ -68,10 +67,8 @@ def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int
     """Run (or resume) training for a validated config into `run_dir`."""
     from tfvision.data import builtin
     from tfvision.fileio import check_output_outside
-    from tfvision.tasks import get_task
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the task modules load Keras
-    get_task(cfg.task, cfg).check_config(cfg)  # the task's own rules, before anything is written
+    # The task's rules were checked by the config loader, before anything is written.
     check_output_outside(run_dir, [cfg.data.root], "--output-dir")
     if cfg.data.prepare and cfg.data.source != "tfrecord":
         builtin.prepare(cfg.data.prepare, cfg.data.root)

@@ -14,22 +14,34 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from tfvision.config import Config
 from tfvision.errors import ConfigError
-from tfvision.tasks.base import TASKS, Task
+from tfvision.tasks.base import TASKS, Task, slug
 
 
 @TASKS.register("segmentation")
 class Segmentation(Task):
     name = "segmentation"
-    activation = "softmax"
+    losses = ("crossentropy", "focal", "dice", "ce_dice")
+    sources = ("csv", "volumes", "tfrecord")
+    backbones = ("unet",)  # the classic U-Net, no registered encoder
+    label_layout = None  # a mask per image, no image label
+    dense = True
     sample_class_weights = False  # weights live in the loss, per pixel
 
-    def __init__(self, cfg: Config | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
         self.output_names = ["logits"]
 
     def check_config(self, cfg):
+        super().check_config(cfg)
+        d = cfg.data
+        if d.source == "volumes" and (not d.mask_column or not d.csv):
+            raise ConfigError("data.source: 'volumes' needs data.csv and data.mask_column")
+        if not d.mask_column and d.source != "tfrecord":  # shards carry their masks
+            raise ConfigError("data.mask_column: required for task 'segmentation'")
+        if not d.class_names or len(d.class_names) < 2:
+            raise ConfigError("data.class_names: segmentation needs the class names, background first "
+                              '(e.g. ["background", "tumour"])')
         # MixUp blends two images at every pixel, and an integer mask has no label for a blend;
         # CutMix keeps one source per pixel, and tfvision.data.mix pastes the mask with the image.
         if cfg.augment.mix.mixup_alpha > 0:
@@ -101,7 +113,7 @@ class Segmentation(Task):
     def metrics(self, num_classes, class_names=None):
         from tfvision.seg_metrics import per_class_metrics
 
-        return per_class_metrics(num_classes, [_slug(c) for c in class_names or []] or None)
+        return per_class_metrics(num_classes, [slug(c) for c in class_names or []] or None)
 
     def compile_args(self, cfg, inputs, model) -> dict:
         loss = self.loss(cfg, inputs)
@@ -142,6 +154,16 @@ class Segmentation(Task):
         return {"dice_macro": macro(dice), "dice_per_class": dict(zip(names, dice, strict=True)),
                 "iou_macro": macro(iou), "iou_per_class": dict(zip(names, iou, strict=True))}
 
+    def report_lines(self, metrics, class_names):
+        rows = ["| class | Dice | IoU |", "|---|---|---|"] + [
+            f"| {c} | {_fmt(metrics['dice_per_class'][c])} | {_fmt(metrics['iou_per_class'][c])} |"
+            for c in class_names]
+        return [f"Macro Dice {_fmt(metrics['dice_macro'])}, macro IoU {_fmt(metrics['iou_macro'])} "
+                "(classes absent from both truth and prediction are left out of the means).", "", *rows]
 
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    def headline(self, metrics):
+        return f"dice_macro={_fmt(metrics['dice_macro'])} iou_macro={_fmt(metrics['iou_macro'])}"
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
