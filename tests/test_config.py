@@ -123,6 +123,26 @@ def test_json_schema_describes_the_config():
     json.dumps(schema)  # must be serialisable
 
 
+def test_json_schema_carries_each_tasks_rules():
+    """The schema, checked by an independent validator, accepts every shipped config and refuses
+    what the tasks refuse: another task's loss or source, and another task's section."""
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json_schema())
+    for path in sorted((REPO / "configs").glob("*.json")):
+        raw = json.loads(path.read_text())
+        assert not list(validator.iter_errors(raw)), path.name
+    ham = json.loads((REPO / "configs" / "ham10000.json").read_text())
+    for change in ({"train": {**ham["train"], "loss": {"name": "dice"}}},  # a segmentation loss
+                   {"data": {**ham["data"], "source": "volumes"}},  # a segmentation source
+                   {"regression": {"mode": "coral"}}):  # another task's section
+        assert list(validator.iter_errors({**ham, **change})), change
+    no_task = {k: v for k, v in ham.items() if k != "task"}  # the default task's rules still apply
+    assert not list(validator.iter_errors(no_task))
+    assert list(validator.iter_errors({**no_task, "train": {**ham["train"], "loss": {"name": "dice"}}}))
+    assert not list(validator.iter_errors({**ham, "task": "regression", "regression": {"mode": "coral"},
+                                           "data": {**ham["data"], "source": "csv"}}))
+
+
 def test_cli_rejects_bad_config_fast_without_tensorflow(tmp_path, base):
     base["data"]["image_sise"] = 64
     p = write(tmp_path, base)

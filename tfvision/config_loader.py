@@ -124,6 +124,9 @@ def json_schema() -> dict:
         others = [n for n in names if n != name and TASKS.get(n).options is not None]
         if others:
             then["not"] = {"anyOf": [{"required": [n]} for n in others]}
-        rules.append({"if": {"properties": {"task": {"const": name}}}, "then": then})
+        chosen = {"properties": {"task": {"const": name}}, "required": ["task"]}
+        if name == Config.__dataclass_fields__["task"].default:  # also when "task" is left out
+            chosen = {"anyOf": [chosen, {"not": {"required": ["task"]}}]}
+        rules.append({"if": chosen, "then": then})
     schema["allOf"] = rules
     return schema
