@@ -217,7 +217,6 @@ def evaluate_streamed(run_dir: Path, run, cfg, task, split: str, batch_size: int
     from tfvision.data.pipeline import PipelineSpec
     from tfvision.fileio import write_json, write_text
 
-    task.output_names = ["logits"]  # score the main output; auxiliary heads are training-only
     inputs, skipped = eval_inputs(cfg, task, run_dir)
     if not inputs.sizes.get(split):
         raise UserError(f"--split {split}: {run_dir} has no {split} images")

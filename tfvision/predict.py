@@ -90,13 +90,7 @@ def predict(args) -> int:
     ok = np.array([not e for e in errors])
     preds = [""] * len(paths)
     if ok.any():
-        decision = run.decision
-        if decision and decision.get("kind") == "distribution" and ok.sum() < 2 * len(run.class_names):
-            # Quotas over a handful of images force classes regardless of the evidence.
-            log.warning("note: %d image(s) are too few to match the class distribution; using argmax",
-                        int(ok.sum()))
-            decision = {"kind": "argmax"}
-        decided = task.output.decide(probs[ok], decision, run.class_names)
+        decided = task.output.decide(probs[ok], run.decision, run.class_names)
         for j, d in zip(np.flatnonzero(ok), decided, strict=True):
             preds[j] = task.output.label(d, run.class_names)
     for path, err in zip(paths, errors, strict=True):

@@ -12,9 +12,13 @@ config validation, which imports every task, never loads TensorFlow.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from tfvision import metrics as M
+
+log = logging.getLogger(__name__)
 
 
 class Output:
@@ -93,8 +97,11 @@ class Softmax(Output):
         kind = (decision or {}).get("kind", "argmax")
         if kind == "ordinal":
             return np.digitize(p @ np.arange(p.shape[1]), np.asarray(decision["cuts"], np.float64))
-        if kind == "distribution":
-            return M.match_distribution(p, decision["fractions"]) if len(p) else np.zeros(0, np.int64)
+        if kind == "distribution" and len(p) >= 2 * len(class_names):
+            return M.match_distribution(p, decision["fractions"])
+        if kind == "distribution" and len(p):
+            # Quotas over a handful of images force classes regardless of the evidence.
+            log.warning("note: %d image(s) are too few to match the class distribution; using argmax", len(p))
         return p.argmax(axis=1)
 
     def rule(self, decision, class_names):
