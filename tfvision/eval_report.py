@@ -61,16 +61,12 @@ def _config(cfg, run) -> list[str]:
             + ["<details><summary>config.json</summary>", "", "```json", full, "```", "", "</details>", ""])
 
 
-_SUMMARY = ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall",
-            "roc_auc_macro", "pr_auc_macro", "quadratic_kappa", "ece", "mce", "nll"]
 _PER_CLASS = ["precision", "recall", "f1", "support", "roc_auc", "pr_auc"]
 
 
-def _metrics(metrics: dict) -> list[str]:
-    lines = ["## Metrics", "",
-             "Computed from the calibrated probabilities (temperature applied), with the default "
-             "decision (argmax, or 0.5 per label); the tuned rule is under *Decision rule*.", ""]
-    lines += _table(["metric", "value"], [[k, metrics[k]] for k in _SUMMARY if k in metrics])
+def _metrics(metrics: dict, scorer) -> list[str]:
+    lines = ["## Metrics", "", scorer.about + " The tuned rule is under *Decision rule*.", ""]
+    lines += _table(["metric", "value"], [[k, metrics[k]] for k in scorer.summary if k in metrics])
     per_class = metrics.get("per_class", {})
     if per_class:
         lines += ["### Per class", ""]
@@ -110,18 +106,10 @@ def _calibration(metrics: dict) -> list[str]:
     return lines + ["ECE and MCE use 15 equal-width confidence bins.", ""]
 
 
-def _decision(metrics: dict) -> list[str]:
+def _decision(metrics: dict, describe) -> list[str]:
     dec = metrics["decision"]
     rule = dec["rule"]
-    text = {
-        "argmax": "the most probable class"
-                  + ("." if "rejected" in rule else " (no tuning asked; see `--ordinal`, `--match-distribution`)."),
-        "multilabel": "per-class thresholds maximising F1 on val: "
-                      + ", ".join(f"{t:.3f}" for t in rule.get("thresholds", [])) + ".",
-        "ordinal": f"cut points on the expected grade ({rule.get('method')}): "
-                   + ", ".join(f"{c:.3f}" for c in rule.get("cuts", [])) + ".",
-        "distribution": "classes assigned so that their proportions match the training split's.",
-    }[rule["kind"]]
+    text = describe(rule)
     lines = ["## Decision rule", "", f"Tuned on val only, saved in `thresholds.json`, applied by "
              f"`tfvision.predict`: {text}", ""]
     if "rejected" in rule:
@@ -136,8 +124,9 @@ def _decision(metrics: dict) -> list[str]:
     return lines + _table(["split", "metric", "before (default)", "after (tuned)"], rows)
 
 
-def write_report(path: Path, run_dir: Path, cfg, inputs, run, metrics: dict, plots: list, split: str) -> None:
-    """Write the markdown report next to the PNGs it embeds."""
+def write_report(path: Path, run_dir: Path, cfg, inputs, run, metrics: dict, plots: list, split: str,
+                 scorer) -> None:
+    """Write the markdown report next to the PNGs it embeds; `scorer` (the task's) words its rule."""
     lines = [f"# Evaluation of `{run_dir.name}` on {split}", "",
              f"{metrics['n']} images, task {metrics['task']}, checkpoint `checkpoints/best.keras`, "
              f"TTA views: {', '.join(metrics['tta'])}"
@@ -145,9 +134,9 @@ def write_report(path: Path, run_dir: Path, cfg, inputs, run, metrics: dict, plo
     if metrics["ensemble"] and split == "val":
         lines += ["> Ensemble members evaluated on this run's val split: for K folds, each member "
                   "trained on part of it, so these numbers are optimistic. Prefer `--split test`.", ""]
-    lines += _data(run_dir, inputs, split, metrics) + _config(cfg, run) + _metrics(metrics)
+    lines += _data(run_dir, inputs, split, metrics) + _config(cfg, run) + _metrics(metrics, scorer)
     lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
-    lines += _confused(metrics) + _calibration(metrics) + _decision(metrics)
+    lines += _confused(metrics) + _calibration(metrics) + _decision(metrics, scorer.describe_rule)
     if (run_dir / "training_curves.png").is_file():
         lines += ["## Training curves", "", "![training curves](../../training_curves.png)", ""]
     write_text(path, "\n".join(lines))

@@ -206,7 +206,7 @@ def evaluate(run_dir, split: str = "val", tta=None, ensemble=(), ordinal: bool =
         "ece_before": calibration["val"]["before"]["ece"], "ece_after": calibration["val"]["after"]["ece"]})
     write_json(run_dir / "thresholds.json", {**decision, **tuned})
     write_json(out / "metrics.json", metrics)
-    write_report(out / "report.md", run_dir, cfg, inputs, main_run, metrics, plots, split)
+    write_report(out / "report.md", run_dir, cfg, inputs, main_run, metrics, plots, split, scorer)
     log.info("%s (%d images): %s; temperature %.3f", split, metrics["n"], scorer.headline(metrics), temperature)
     return out
 

@@ -130,6 +130,15 @@ class SingleLabelScorer(Scorer):
     def headline(self, m) -> str:
         return headline(m, ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "ece"])
 
+    def describe_rule(self, rule):
+        if rule["kind"] == "ordinal":
+            return (f"cut points on the expected grade ({rule.get('method')}): "
+                    + ", ".join(f"{c:.3f}" for c in rule["cuts"]) + ".")
+        if rule["kind"] == "distribution":
+            return "classes assigned so that their proportions match the training split's."
+        return "the most probable class" + ("." if "rejected" in rule else
+                                            " (no tuning asked; see `--ordinal`, `--match-distribution`).")
+
     def plots(self, y, probs, raw, metrics, out: Path) -> list[tuple[str, str]]:
         from tfvision import plots as P
 

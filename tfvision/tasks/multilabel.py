@@ -166,6 +166,9 @@ class MultiLabelScorer(Scorer):
     def headline(self, m) -> str:
         return headline(m, ["roc_auc_macro", "pr_auc_macro", "macro_f1", "ece"])
 
+    def describe_rule(self, rule):
+        return "per-class thresholds maximising F1 on val: " + ", ".join(f"{t:.3f}" for t in rule["thresholds"]) + "."
+
     def plots(self, y, probs, raw, metrics, out: Path) -> list[tuple[str, str]]:
         from tfvision import plots as P
 

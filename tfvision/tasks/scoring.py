@@ -16,6 +16,12 @@ import numpy as np
 class Scorer:
     """Scores probabilities (the task's `Output.activate`) against targets (`Task.eval_targets`)."""
 
+    # report.md: the metrics of its summary table, and how they were computed
+    summary = ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall",
+               "roc_auc_macro", "pr_auc_macro", "quadratic_kappa", "ece", "mce", "nll"]
+    about = ("Computed from the calibrated probabilities (temperature applied), with the default decision "
+             "(argmax, or 0.5 per label).")
+
     def __init__(self, output, class_names):
         self.output, self.names = output, list(class_names)
 
@@ -41,6 +47,10 @@ class Scorer:
 
     def headline(self, m: dict) -> str:
         raise NotImplementedError
+
+    def describe_rule(self, rule: dict) -> str:
+        """report.md's sentence for a tuned rule (thresholds.json)."""
+        return f"`{rule}`."
 
     def plots(self, y, probs, raw, metrics: dict, out: Path) -> list[tuple[str, str]]:
         """Write the plots into `out`; returns (title, file name) pairs for report.md."""
