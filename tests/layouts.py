@@ -112,6 +112,26 @@ def rakuten(base: Path, per_class: int = 10) -> Layout:
     return Layout(root, test)
 
 
+def aptos(base: Path, per_grade: int = 10) -> Layout:
+    """APTOS 2019 blindness detection: ``train.csv`` (``id_code``, ``diagnosis`` 0-4) and
+    ``train_images/<id_code>.png``; ``test_images/`` holds unlabelled photos, as in the download."""
+    root = base / "aptos2019-blindness-detection"
+    train, test = root / "train_images", root / "test_images"
+    train.mkdir(parents=True)
+    test.mkdir(parents=True)
+    rows, n = [], 0
+    for grade, source in enumerate(("china", "flower", "astronaut", "coffee", "chelsea")):
+        photo = COLOUR[source]()
+        for i in range(per_grade + 1):
+            id_code = f"{0x000C1434D8D7 + 977 * n:012x}"  # 12 hex digits, like the real ids
+            Image.fromarray(crop(photo, n)).save((train if i < per_grade else test) / f"{id_code}.png")
+            if i < per_grade:
+                rows.append({"id_code": id_code, "diagnosis": grade})
+            n += 1
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return Layout(root, test)
+
+
 CHEXPERT_VIEWS = (("frontal", "Frontal", "AP"), ("lateral", "Lateral", ""))
 
 

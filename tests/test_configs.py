@@ -57,6 +57,7 @@ CASES = {  # config file -> (layout builder, overrides besides data.root and one
     "rakuten.json": (layouts.rakuten, SMALL),
     "chexpert.json": (_chexpert, SMALL),
     "nsclc_radiomics_unet.json": (_nsclc, {**SMALL, "model.unet.decoder_filters": [64, 32, 16]}),
+    "aptos_regression.json": (layouts.aptos, SMALL),
 }
 
 # The only keys a case may --set. Anything else could switch a feature off and hide its crash.
@@ -69,12 +70,14 @@ METRICS = {  # metrics.json keys per task, written by training from the best che
     "classification": {"val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc"},
     "multilabel": {"val_roc_auc", "val_pr_auc", "val_macro_f1", "val_roc_auc_per_class"},
     "segmentation": {"val_dice_macro", "val_dice_per_class", "val_iou_macro", "val_iou_per_class"},
+    "regression": {"val_quadratic_kappa", "val_mae", "val_rmse"},
 }
 EVAL_METRICS = {  # eval/val/metrics.json keys per task, written by evaluate
     "classification": {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "ece", "confusion_matrix",
                        "per_class"},
     "multilabel": {"roc_auc_macro", "pr_auc_macro", "macro_f1", "per_class"},
     "segmentation": {"dice_macro", "dice_per_class", "iou_macro", "iou_per_class"},
+    "regression": {"quadratic_kappa", "accuracy", "grade_mae", "mae", "rmse", "confusion_matrix"},
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # the layouts' images, listed here independently of tfvision (the oracle)
 
@@ -261,9 +264,13 @@ def test_predict(trained):
     run.cli("-m", "tfvision.predict", "--run", str(run.dir), "--input-dir", str(source), "--output", str(out))
     images = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     frame = pd.read_csv(out, keep_default_na=False, dtype={"path": str, "pred": str, "error": str})
-    assert frame.columns.tolist() == ["path", "pred", *(f"prob_{c}" for c in names), "error"]
     assert sorted(frame["path"]) == images  # one row per input image
     assert (frame["error"] == "").all()
+    if run.config["task"] == "regression":  # a grade and its continuous score
+        assert frame.columns.tolist() == ["path", "pred", "score", "error"]
+        assert set(frame["pred"]) <= set(names) and np.isfinite(frame["score"].to_numpy(float)).all()
+        return
+    assert frame.columns.tolist() == ["path", "pred", *(f"prob_{c}" for c in names), "error"]
     probs = frame[[f"prob_{c}" for c in names]].to_numpy(float)
     assert ((probs >= 0) & (probs <= 1)).all()
     if run.info["activation"] == "softmax":
