@@ -53,6 +53,16 @@ def shard_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if ".tfrecord" in p.name and not p.name.startswith("."))
 
 
+def assert_records_follow_the_task(inputs: RecordInputs, task):
+    """Each training record's tier and weight are what loose files get from the same target."""
+    elements = list(inputs._elements("train", training=False, deterministic=True).as_numpy_iterator())
+    targets = np.stack([e["target"] for e in elements])
+    tiers = [int(e["tier"]) for e in elements]
+    assert tiers == task.tiers(targets, inputs.tiers).tolist() and len(set(tiers)) > 1
+    if inputs.weights is not None:
+        np.testing.assert_allclose([e["weight"] for e in elements], (targets * inputs.weights).sum(1), rtol=1e-6)
+
+
 @pytest.mark.parametrize("gzip, workers", [(False, 0), (True, 1)])  # 1: a spawned worker process
 def test_round_trip_keeps_bytes_labels_groups_split_and_counts(small_digits, tmp_path, gzip, workers):
     cfg = load_config(write_config(small_digits, tmp_path))
@@ -251,6 +261,10 @@ def test_record_inputs_feed_the_shared_pipeline(small_digits, tmp_path, monkeypa
     assert float(tf.reduce_max(images)) <= 255.0 and float(tf.reduce_max(images)) > 50.0
     np.testing.assert_allclose(weights.numpy(), (targets.numpy() * inputs.weights).sum(1), rtol=1e-6)
 
+    # Records restate the task's per-sample tier rule in TF; it must agree with Task.tiers.
+    inputs.tiers = np.arange(len(inputs.class_names), dtype=np.int32) % 3
+    assert_records_follow_the_task(inputs, get_task(cfg.task, cfg))
+
     # val comes in the order targets() reports, every record once.
     val = [t.numpy() for _, t in inputs.dataset("val", spec, training=False)]
     np.testing.assert_array_equal(np.concatenate(val), inputs.targets("val"))
@@ -339,6 +353,10 @@ def test_multilabel_records_carry_known_mask_and_eval_targets(small_digits, tmp_
             record_cfg = load_config(cfg_path, ["data.source=tfrecord", f"data.root={out}"])
             got = RecordInputs(record_cfg, get_task("multilabel", record_cfg)).targets("val")
             assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, evals.tolist()))
+    record_cfg = load_config(cfg_path, ["data.source=tfrecord", f"data.root={out}", "augment.tiers.enabled=true"])
+    inputs = RecordInputs(record_cfg, task)
+    inputs.tiers = np.array([1, 2], np.int32)  # both positive: 2, even alone: 1, neither: 0
+    assert_records_follow_the_task(inputs, task)
 
 
 def seg_folder(root: Path, n: int = 24, bad: bool = False) -> Path:

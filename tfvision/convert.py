@@ -281,6 +281,7 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
     from tqdm import tqdm
 
     from tfvision.data import features as F
+    from tfvision.data.inputs import known_per_class
     from tfvision.data.tfrecord import MANIFEST, ShardJob
 
     if "://" in str(output):
@@ -363,8 +364,7 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
         else:
             positives = [int(v) if float(v).is_integer() else v for v in task.class_counts(targets[sel], k).tolist()]
         class_counts[split] = dict(zip(class_names, positives, strict=True))
-        n_known = (k > 0).sum(0) if k is not None else np.full(len(class_names), sel.sum())
-        known_counts[split] = dict(zip(class_names, n_known.tolist(), strict=True))
+        known_counts[split] = dict(zip(class_names, known_per_class(targets[sel], k).tolist(), strict=True))
     manifest = {
         "schema_version": F.SCHEMA_VERSION, "tfvision_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

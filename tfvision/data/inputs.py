@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from tfvision.config import Config
 from tfvision.data.check import check_files
@@ -33,6 +34,22 @@ def class_tiers(counts: np.ndarray, cfg: Config) -> np.ndarray | None:
     return np.where(counts < heavy_below, 2, np.where(counts < medium_below, 1, 0)).astype(np.int32)
 
 
+def known_per_class(targets: np.ndarray, known: np.ndarray | None) -> np.ndarray:
+    """Samples whose label is known, per class (every sample when the task has no known mask).
+
+    The manifest's ``known_counts`` (`tfvision.convert`) and `FileInputs` both count this
+    way, so training on shards and on their source files sees the same numbers."""
+    return (known > 0).sum(0) if known is not None else np.full(targets.shape[1], len(targets))
+
+
+def sample_weight(targets, class_weight: np.ndarray) -> tf.Tensor:
+    """Each sample's loss weight: its target's mix of the class weights (one-hot: its class's).
+
+    TF ops over the last axis, so the one rule serves a whole table of loose files (eagerly)
+    and a single record read from a shard (in the tf.data graph)."""
+    return tf.reduce_sum(tf.cast(targets, tf.float32) * tf.constant(class_weight, tf.float32), axis=-1)
+
+
 class Inputs:
     """Interface: class_names, counts (training), weights, tiers, sizes, dataset(), targets()."""
 
@@ -43,6 +60,13 @@ class Inputs:
     weights: np.ndarray | None
     tiers: np.ndarray | None
     sizes: dict[str, int]
+
+    def _class_tables(self, cfg: Config, task) -> None:
+        """Per-class loss weights (tasks that weigh samples, not the loss, by class) and
+        augmentation tiers, from the training counts every source sets first."""
+        self.weights = (class_weights(self.counts, cfg.train.loss.class_weights)
+                        if task.sample_class_weights else None)
+        self.tiers = class_tiers(self.counts, cfg)
 
     def dataset(self, split: str, spec: PipelineSpec, *, training: bool, repeat: bool = False,
                 format_batch=None):
@@ -67,10 +91,8 @@ class FileInputs(Inputs):
             raise DataError("after removing unreadable files the train or val split is empty")
         targets, known = task.targets(self.frames["train"], self.class_names)
         self.counts = task.class_counts(targets, known)
-        self.known_counts = (known > 0).sum(0) if known is not None else np.full(len(self.counts), len(targets))
-        self.weights = (class_weights(self.counts, cfg.train.loss.class_weights)
-                        if task.sample_class_weights else None)
-        self.tiers = class_tiers(self.counts, cfg)
+        self.known_counts = known_per_class(targets, known)
+        self._class_tables(cfg, task)
         self.sizes = {s: len(f) for s, f in self.frames.items()}
         self._samples = {s: self._make(f, train=s == "train") for s, f in self.frames.items() if len(f)}
         if cfg.data.oversample.enabled:
@@ -79,7 +101,7 @@ class FileInputs(Inputs):
     def _make(self, frame, train: bool) -> Samples:
         targets, known = self.task.targets(frame, self.class_names)
         tiers = self.task.tiers(targets, self.tiers) if train and self.tiers is not None else None
-        weights = (targets * self.weights).sum(1).astype(np.float32) if train and self.weights is not None else None
+        weights = sample_weight(targets, self.weights).numpy() if train and self.weights is not None else None
         return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=weights,
                        mask_paths=self.task.mask_paths(frame))
 

@@ -32,12 +32,11 @@ from tfvision.config import Config
 from tfvision.data import features as F
 from tfvision.data.check import probe, rejection_reason
 from tfvision.data.decode import describe_error, image_shape, is_jpeg, is_png
-from tfvision.data.inputs import Inputs, class_tiers
+from tfvision.data.inputs import Inputs, sample_weight
 from tfvision.data.pipeline import PipelineSpec, dataset_stats, from_elements
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
 from tfvision.fileio import atomic_path, write_json
-from tfvision.losses import class_weights
 
 log = logging.getLogger("tfvision.data")
 
@@ -390,8 +389,7 @@ class RecordInputs(Inputs):
         self.known_counts = np.array([m["known_counts"]["train"][c] for c in self.class_names], np.float64)
         # Segmentation: counts are pixels, and its class weights live in the loss, not per sample.
         self.pixel_counts = self.counts.astype(np.int64) if m.get("has_mask") else None
-        self.weights = class_weights(self.counts, cfg.train.loss.class_weights) if task.sample_class_weights else None
-        self.tiers = class_tiers(self.counts, cfg)
+        self._class_tables(cfg, task)
         self.sizes = {s: int(m["counts"].get(s, 0)) for s in SPLITS}
         if not self.sizes["train"] or not self.sizes["val"]:
             raise DataError(f"{join(self.root, MANIFEST)}: the train or val split has no records")
@@ -417,19 +415,21 @@ class RecordInputs(Inputs):
         train = split == "train"
         tier_of = tf.constant(self.tiers if train and self.tiers is not None else
                               np.zeros(len(self.class_names)), tf.int32)
-        weights = tf.constant(self.weights, tf.float32) if train and self.weights is not None else None
+        weigh = train and self.weights is not None
 
         def element(record):
             p = tf.io.parse_single_example(record, spec)
             target = p[F.TARGET]
-            # The strongest tier among the record's positive classes, as Task.tiers does for
-            # one-hot (the class's tier) and multi-hot targets (light when none).
+            # The strongest tier among the record's positive classes: Task.tiers for one-hot (the
+            # class's tier) and multi-hot targets (light when none), restated in TF because
+            # calling the task's numpy rule per record (tf.numpy_function) costs 50-100 us of
+            # Python each; tests pin the two to agree.
             out = {"bytes": p[F.ENCODED], "target": target,
                    "tier": tf.reduce_max(tf.where(target >= 0.5, tier_of, 0))}
             if F.KNOWN in p:
                 out["known"] = p[F.KNOWN]
-            if weights is not None:
-                out["weight"] = tf.reduce_sum(target * weights)
+            if weigh:
+                out["weight"] = sample_weight(target, self.weights)
             if F.MASK in p:
                 out["mask_bytes"] = p[F.MASK]
             return out
