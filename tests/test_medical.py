@@ -358,15 +358,20 @@ def test_dicom_to_nifti_exits_2_when_nothing_converts(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "no series could be converted" in proc.stderr
 
 
-def test_atomic_write_leaves_no_partial_file(tmp_path):
+def test_a_failed_volume_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "x.nii.gz"
+    written = []
 
-    def broken(tmp):
-        tmp.write_bytes(b"partial")
+    def broken(image, tmp):
+        written.append(Path(tmp))
+        Path(tmp).write_bytes(b"partial")
         raise OSError("disk full")
 
+    monkeypatch.setattr(nib, "save", broken)
     with pytest.raises(OSError):
-        dicom_to_nifti.atomic_write(target, broken)
+        dicom_to_nifti._write_volume(np.zeros((2, 2, 2)), {"affine": np.eye(4).tolist(), "sheared": False}, target)
+    # Written beside the target under a name nibabel still gzips by, and removed on failure.
+    assert written[0].parent == tmp_path and written[0].name.endswith(".nii.gz")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,35 +1,12 @@
 """What the batch commands (dicom_to_nifti, rtstruct_to_labels) share: parallel tasks that
-survive failures, and files written whole or not at all."""
+survive failures. (Their files are written whole or not at all by `tfvision.fileio`.)"""
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable
 from concurrent.futures import Executor, as_completed
-from pathlib import Path
 
 from tfvision.medical.dicom import require
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling and rename, so `path` is never partial.
-
-    >>> atomic_write(Path("a.json"), lambda p: p.write_text("{}"))  # doctest: +SKIP
-
-    Args:
-        path: the final file name.
-        write: called with the temporary path (same directory and suffixes, so
-            nibabel still picks gzip from ``.nii.gz``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name[: -len(suffix) or None]}.{os.getpid()}.tmp{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # atomic on one filesystem
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def map_tasks(pool: Executor | None, fn, items, progress: bool, desc: str):

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from tfvision.errors import UserError
-from tfvision.fileio import claim_dir, safe_name
-from tfvision.medical.batch import atomic_write, map_tasks
+from tfvision.fileio import atomic_path, claim_dir, safe_name, write_text
+from tfvision.medical.batch import map_tasks
 from tfvision.medical.dicom import read_header, require
 from tfvision.medical.series import (
     DicomScan,
@@ -157,10 +157,11 @@ def _write_volume(volume: np.ndarray, meta: dict, target: Path) -> None:
     if np.array_equal(volume, np.round(volume)) and -32768 <= volume.min() and volume.max() <= 32767:
         volume = volume.astype(np.int16)
     image = nifti_image(nib, volume, meta["affine"], meta["sheared"])
-    atomic_write(target, lambda p: nib.save(image, p))
+    with atomic_path(target, suffix=".nii.gz") as tmp:  # nibabel gzips by the name's ending
+        nib.save(image, tmp)
     kept = {k: meta.get(k) for k in _KEEP} | {"affine": meta["affine"], "dtype": str(volume.dtype)}
     text = json.dumps(kept, indent=1, default=_jsonable)
-    atomic_write(target.with_name(target.name[:-7] + ".json"), lambda p: p.write_text(text))
+    write_text(target.with_name(target.name[:-7] + ".json"), text)
 
 
 def convert_study(series: dict[str, list[str]], out_dir: str, uneven: str = "split",
@@ -194,7 +195,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
     """
     # The report is written first as "running": it marks out_dir as a conversion's own, so a
     # killed run can be rerun into the same folder; the final report replaces it.
-    atomic_write(Path(out_dir) / REPORT, lambda p: p.write_text(json.dumps({"status": "running"}) + "\n"))
+    write_text(Path(out_dir) / REPORT, json.dumps({"status": "running"}) + "\n")
     files = [str(p) for p in find_dicom_files(in_dir)]
     chunks = [(files[i : i + _SCAN_CHUNK],) for i in range(0, len(files), _SCAN_CHUNK)]
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -223,7 +224,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, workers: int = 1, progress:
         "non_image": len(scan.non_image),
     }
     text = json.dumps(report, indent=1, default=_jsonable)
-    atomic_write(Path(out_dir) / REPORT, lambda p: p.write_text(text))
+    write_text(Path(out_dir) / REPORT, text)
     return report
 
 

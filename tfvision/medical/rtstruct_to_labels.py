@@ -36,8 +36,9 @@ from tfvision.fileio import (
     owned_output,
     safe_name,
     write_json,
+    write_text,
 )
-from tfvision.medical.batch import atomic_write, map_tasks
+from tfvision.medical.batch import map_tasks
 from tfvision.medical.dicom import require
 from tfvision.medical.dicom_to_nifti import nifti_image
 from tfvision.medical.rtstruct import rtstruct_to_labels
@@ -149,7 +150,7 @@ def label_patients(in_dir: str | Path, name_map: dict, out_dir: str | Path, work
     """
     out_dir = Path(out_dir)
     # Written first as "running", so a killed run's folder is still recognised as ours.
-    atomic_write(out_dir / REPORT, lambda p: p.write_text(json.dumps({"status": "running"}) + "\n"))
+    write_text(out_dir / REPORT, json.dumps({"status": "running"}) + "\n")
     tasks = [(rs, patient, name_map, str(out_dir)) for rs, patient in _patient_rtstructs(Path(in_dir))]
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(tasks) > 1 else None
     try:
@@ -163,7 +164,7 @@ def label_patients(in_dir: str | Path, name_map: dict, out_dir: str | Path, work
     report = {"status": "finished", "labels": {name: k for k, name in enumerate(name_map, 1)},
               "labelled": [r for r in results if r["status"] == "ok"],
               "failed": [r for r in results if r["status"] != "ok"]}
-    atomic_write(out_dir / REPORT, lambda p: p.write_text(json.dumps(report, indent=1) + "\n"))
+    write_text(out_dir / REPORT, json.dumps(report, indent=1) + "\n")
     return report
 
 
