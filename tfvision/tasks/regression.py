@@ -108,10 +108,24 @@ class Regression(Classification):
         if coral != (cfg.train.loss.name == "crossentropy"):
             raise ConfigError(f"train.loss.name: {cfg.train.loss.name!r} does not fit regression.mode {o.mode!r} "
                               "(coral: crossentropy; regression: mse, huber or smooth_l1)")
+        lc = cfg.train.loss
+        if lc.label_smoothing or lc.focal_gamma != type(lc)().focal_gamma or lc.alpha != "none":
+            # These shape classification losses; a grade's loss would ignore them silently.
+            raise ConfigError("train.loss: label_smoothing, focal_gamma and alpha do not apply to regression; "
+                              "leave them out (regression.delta shapes huber and smooth_l1)")
 
     # ---- data: grades are classes in grade order (one-hot targets, tiers and checks of Classification)
     def sort_labels(self, labels, cfg):
-        return sorted(labels, key=lambda v: _grade_value(v, cfg.data.label_column))
+        return sorted(labels, key=lambda v: _grade_value(v, f"data.label_column {cfg.data.label_column!r}"))
+
+    def class_names(self, frame, cfg):
+        names = super().class_names(frame, cfg)
+        # A listed order is the grade order the model learns: it must be the grades' own.
+        values = [_grade_value(n, "data.class_names") for n in names]
+        if values != sorted(values) or len(set(values)) != len(values):
+            raise DataError(f"data.class_names: regression grades must be listed in increasing order, "
+                            f"got {names}")
+        return names
 
     # ---- model
     def _coral(self, cfg) -> bool:
@@ -170,11 +184,11 @@ class Regression(Classification):
         return GradeScorer(self.output, class_names)
 
 
-def _grade_value(label: str, column: str) -> float:
+def _grade_value(label: str, where: str) -> float:
     try:
         return float(label)
     except ValueError:
-        raise DataError(f"data.label_column {column!r}: regression needs numeric grades, got {label!r}") from None
+        raise DataError(f"{where}: regression needs numeric grades, got {label!r}") from None
 
 
 def grade_metrics(y: np.ndarray, score: np.ndarray, k: int, cuts=None) -> dict:
