@@ -4,9 +4,11 @@ For each case, in one run on the same cores:
 
 1. tfvision trains the case's config for `--epochs` epochs in this process (`training.train`),
    with a timing callback added to its own callbacks. Every batch's time is split into
-   *step* (on_train_batch_begin -> end: the compiled train step), *wait* (end of one batch ->
-   begin of the next: input pipeline and per-batch callbacks), *validation*
-   (on_test_begin -> end) and *epoch end* (the rest: checkpoint, backup, CSV, TensorBoard).
+   *step* (on_train_batch_begin -> end: the compiled train step, which also pulls its batch:
+   Keras calls next() on the iterator inside the train function), *wait* (end of one batch ->
+   begin of the next: per-batch callbacks), *validation* (on_test_begin -> end) and *epoch
+   end* (the rest: checkpoint, backup, CSV, TensorBoard). Afterwards the same training
+   dataset is timed on its own (*input alone*): the step's share that is input.
 2. The run's own checkpoint (`best.keras`), recompiled with the same optimizer type and loss,
    fits random in-memory tensors of the same shape and batch for the same number of steps
    (the bare fit: no input pipeline, no callbacks, no validation).
@@ -140,17 +142,38 @@ def run_tfvision(raw: dict, epochs: int, work: Path):
     raw["train"].setdefault("early_stopping", {})["patience"] = 0
     cfg = config_from_dict(raw, "bench")
     cfg.name = "bench"
-    timing = Timing()
-    original = training._callbacks
+    from tfvision.data.inputs import FileInputs
+
+    timing, captured = Timing(), {}
+    original, original_dataset = training._callbacks, FileInputs.dataset
+
+    def dataset(self, split, spec, **kw):  # keep the training dataset to time it alone afterwards
+        ds = original_dataset(self, split, spec, **kw)
+        if split == "train":
+            captured["train"] = ds
+        return ds
+
     training._callbacks = lambda *a, **k: [*original(*a, **k), timing]
+    FileInputs.dataset = dataset
     run_dir = Path(tempfile.mkdtemp(dir=work))
     try:
         from tfvision.train import train
 
         train(cfg, run_dir, verbose=0)
     finally:
-        training._callbacks = original
-    return timing.epochs, run_dir, cfg
+        training._callbacks, FileInputs.dataset = original, original_dataset
+    return timing.epochs, run_dir, cfg, captured["train"]
+
+
+def input_alone(dataset, steps: int) -> float:
+    """ms per batch of the training input pipeline on its own (after a warm-up of `steps`)."""
+    it = iter(dataset)
+    for _ in range(steps):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(2 * steps):
+        next(it)
+    return 1000 * (time.perf_counter() - t) / (2 * steps)
 
 
 def run_bare(run_dir: Path, cfg, steps: int, epochs: int) -> list[float]:
@@ -228,18 +251,22 @@ def main(argv=None) -> int:
     table = cases(work)
     rows, results = [], []
     for name in args.cases.split(","):
-        epochs, run_dir, cfg = run_tfvision(table[name](), args.epochs, work)
-        bare = run_bare(run_dir, cfg, len(epochs[-1]["steps"]), args.epochs)
+        epochs, run_dir, cfg, train_ds = run_tfvision(table[name](), args.epochs, work)
+        n_steps = len(epochs[-1]["steps"])
+        bare = run_bare(run_dir, cfg, n_steps, args.epochs)
         r = summarize(name, epochs, bare, cfg.train.batch_size)
+        r["input_alone_ms_per_batch"] = input_alone(train_ds, n_steps)
         results.append(r)
         s = r["split_ms_per_step"]
         rows.append([name, r["batch"], f"{r['tfvision_ms_per_step']:.0f}", f"{r['bare_ms_per_step']:.0f}",
                      f"{r['ratio']:.2f}", f"{r['tfvision_img_s']:.0f}", f"{r['bare_img_s']:.0f}",
                      f"{s['train_step']:.0f} / {s['input_wait']:.0f} / {s['epoch_end']:.0f}",
+                     f"{r['input_alone_ms_per_batch']:.0f}",
                      f"{r['validation_s']:.1f}", f"{100 * r['spread']:.0f}%"])
         print(json.dumps(r), flush=True)
     print(markdown_table(rows, ["case", "batch", "tfvision ms/step", "bare ms/step", "ratio", "tfvision img/s",
-                                "bare img/s", "step / wait / epoch end (ms per step)", "val s/epoch",
+                                "bare img/s", "step / wait / epoch end (ms per step)", "input alone ms/batch",
+                                "val s/epoch",
                                 "epoch spread"]))
     info = machine_info()
     print(json.dumps(info))
