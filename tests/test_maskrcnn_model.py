@@ -255,3 +255,93 @@ def test_pyramid_takes_the_last_layer_of_each_stride(backbone, names):
     pyramid, _ = build_pyramid(backbone, (64, 64), 3, None, MaskRCNNConfig(fpn_filters=8))
     assert [tuple(t.shape[1:]) for t in pyramid.outputs] == [(64 // 2**lv, 64 // 2**lv, 8) for lv in range(2, 7)]
     assert pyramid.get_layer("backbone").count_params() > 0
+
+
+def test_roi_align_samples_bin_centres_on_the_assigned_level():
+    """On a linear feature map bilinear sampling is exact, so each bin must read the map's
+    value at the bin's centre: value(y, x) = level * 1000 + y + 2 x in pixels, cell j of a
+    level with stride s centred on pixel (j + 0.5) s."""
+    from tfvision.models.maskrcnn.roi import roi_align
+
+    cfg = MaskRCNNConfig(max_level=5)
+    size = 256
+    levels = []
+    for level in range(2, 6):
+        stride, cells = 2**level, size // 2**level
+        centre = (np.arange(cells) + 0.5) * stride
+        value = level * 1000 + centre[:, None] + 2 * centre[None, :]
+        levels.append(np.repeat(value[None, :, :, None], 2, axis=-1).astype(np.float32))  # F = 2
+    # floor(4 + log2(sqrt(area) / 224)): 40 px -> level 1, clamped to P2; 120 px -> P3; 224 px -> P4
+    # (FPN's canonical size); 10 px -> P2. Every sample stays inside the map.
+    boxes = np.array([[[30, 40, 70, 80], [60, 50, 180, 170], [16, 16, 240, 240], [100, 90, 110, 100]]],
+                     np.float32)
+    expected_levels = [2, 3, 4, 2]
+    crops = np.asarray(roi_align(levels, boxes, cfg, 7))
+    assert crops.shape == (1, 4, 7, 7, 2)
+    for k, (x0, y0, x1, y1) in enumerate(boxes[0]):
+        centre_y = y0 + (np.arange(7) + 0.5) * (y1 - y0) / 7
+        centre_x = x0 + (np.arange(7) + 0.5) * (x1 - x0) / 7
+        expected = expected_levels[k] * 1000 + centre_y[:, None] + 2 * centre_x[None, :]
+        np.testing.assert_allclose(crops[0, k, :, :, 1], expected, rtol=1e-5, atol=1e-2)
+    # At the image's corner, samples outside the outer cell centres read the edge (P2: 2 px).
+    corner = np.asarray(roi_align(levels, np.array([[[0, 0, 40, 40]]], np.float32), cfg, 7))[0, 0, :, :, 0]
+    samples = np.maximum((np.arange(14) + 0.5) * 40 / 14, 2.0)  # 2 x 2 samples per bin
+    value = 2000 + samples[:, None] + 2 * samples[None, :]
+    np.testing.assert_allclose(corner, value.reshape(7, 2, 7, 2).mean(axis=(1, 3)), rtol=1e-5, atol=1e-2)
+
+
+def test_mixed_precision_keeps_losses_boxes_and_nms_in_float32():
+    images, targets = coin_crops(WINDOWS_64, max_instances=4)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = MaskRCNN(num_classes=1, image_size=(64, 64), config=TINY, seed=0)
+        out = model.forward_train(images, targets, seed=0)
+        parts = model.compute_losses(images, targets, seed=0)
+        found = model(images)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.pyramid.outputs[0].dtype == "float16"
+    for name in ("rpn_scores", "rpn_deltas", "class_logits", "box_deltas", "mask_logits"):
+        assert out[name].dtype == "float32", name
+    assert all(v.dtype == "float32" and np.isfinite(float(v)) for v in parts.values())
+    assert found["boxes"].dtype == found["scores"].dtype == found["masks"].dtype == "float32"
+
+
+def test_saves_and_reloads_as_a_keras_file(tmp_path):
+    model = tiny_model()
+    images, _ = coin_crops(WINDOWS_64, max_instances=4)
+    path = tmp_path / "maskrcnn.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)  # safe_mode stays on
+    assert reloaded.cfg == model.cfg
+    before, after = model(images), reloaded(images)
+    for key in before:
+        np.testing.assert_allclose(np.asarray(after[key]), np.asarray(before[key]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_scale", [1, 2])
+def test_mask_targets_crop_the_matched_instance_at_cell_centres(mask_scale):
+    """Rectangles as instances: a target cell is 1 exactly when its centre lies in the matched
+    rectangle, whatever the masks' resolution (here the image's, or twice it)."""
+    from tfvision.models.maskrcnn.roi import mask_targets
+
+    rects = {"a": (10, 20, 50, 40), "b": (30, 5, 60, 25)}  # x0, y0, x1, y1
+    order = [["a", "b"], ["b", "a"]]  # the instances of image 0 and image 1
+    size = 64 * mask_scale
+    masks = np.zeros((2, 2, size, size), np.float32)
+    for b, names in enumerate(order):
+        for m, name in enumerate(names):
+            x0, y0, x1, y1 = (v * mask_scale for v in rects[name])
+            masks[b, m, y0:y1, x0:x1] = 1
+    rois = np.array([[[5, 15, 55, 45], [25, 0, 64, 30]], [[25, 0, 64, 30], [5, 15, 55, 45]]], np.float32)
+    matched = np.array([[0, 1], [0, 1]], np.int32)  # each ROI around its own rectangle
+    targets = np.asarray(mask_targets(masks, rois, matched, (64, 64), 28))
+    assert targets.shape == (2, 2, 28, 28)
+    for b in range(2):
+        for k in range(2):
+            x0, y0, x1, y1 = rois[b, k]
+            rx0, ry0, rx1, ry1 = rects[order[b][matched[b, k]]]
+            cy = y0 + (np.arange(28) + 0.5) * (y1 - y0) / 28
+            cx = x0 + (np.arange(28) + 0.5) * (x1 - x0) / 28
+            inside = ((cy >= ry0) & (cy <= ry1))[:, None] & ((cx >= rx0) & (cx <= rx1))[None, :]
+            np.testing.assert_array_equal(targets[b, k], inside.astype(np.float32))

@@ -80,6 +80,10 @@ def roi_align(levels: list, boxes, cfg: MaskRCNNConfig, crop: int):
     paper's ROIAlign), with feature cell j centred on pixel (j + 0.5) * stride.
     Every box is cropped on every level and the wrong levels are masked out: four
     small crops cost less than a gather by level, and keep the shapes static.
+
+    A one-cell edge-replicated border makes samples within a cell of the map's edge
+    read the edge value, as Detectron's ROIAlign does; `crop_and_resize` alone would
+    read 0 for any sample outside the outer cell centres (16 px at P5).
     """
     boxes = ops.cast(boxes, "float32")
     num_rois = boxes.shape[1]
@@ -91,8 +95,9 @@ def roi_align(levels: list, boxes, cfg: MaskRCNNConfig, crop: int):
     crops = 0.0
     for lv in cfg.crop_levels:  # three or four pyramid levels, not ROIs
         features = levels[lv - cfg.min_level]
+        bordered = ops.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="symmetric")
         samples = tf.image.crop_and_resize(
-            features, crop_boxes(flat / 2.0**lv, tuple(features.shape[1:3]), 2 * crop), image_of_box,
+            bordered, crop_boxes(flat / 2.0**lv + 1.0, tuple(bordered.shape[1:3]), 2 * crop), image_of_box,
             (2 * crop, 2 * crop))
         pooled = ops.average_pool(samples, 2, strides=2)
         crops = crops + ops.where((level == lv)[:, None, None, None], pooled, 0.0)
