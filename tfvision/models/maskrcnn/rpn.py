@@ -85,9 +85,10 @@ def proposals(scores, deltas, anchors, level_counts: list[int], image_size, cfg:
               training: bool):
     """Model Garden's multilevel proposals: per level top-k by score, NMS, top-k; then top-k overall.
 
-    keras-cv's `ROIGenerator` runs the same steps, but its NMS pads the output
-    with boxes of -1 and leaves the padding unmarked; here each slot says
-    whether it holds a proposal.
+    keras-cv 0.9's `ROIGenerator` runs the same steps, but its `NonMaxSuppression`
+    fills unused slots by gathering index 0 (copies of the best box, with its
+    score) and `ROIGenerator` drops ``num_detections``, so padding looks like real
+    proposals; here each slot says whether it holds one.
 
     Args:
         scores: [B, N] logits; deltas: [B, N, 4]; anchors: [N, 4];
