@@ -320,8 +320,15 @@ def test_mixed_precision_keeps_losses_boxes_and_nms_in_float32():
         out = model.forward_train(images, targets, seed=0)
         parts = model.compute_losses(images, targets, seed=0)
         found = model(images)
+        # fit wraps the optimizer in a LossScaleOptimizer; train_step must scale and unscale.
+        model.compile(optimizer=keras.optimizers.SGD(1e-3))
+        before = [np.asarray(v) for v in model.trainable_variables]
+        history = model.fit(images, targets, batch_size=2, epochs=2, verbose=0)
     finally:
         keras.config.set_dtype_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.isfinite(history.history["loss"]).all()
+    assert any(not np.array_equal(b, np.asarray(v)) for b, v in zip(before, model.trainable_variables, strict=True))
     assert model.pyramid.outputs[0].dtype == "float16"
     for name in ("rpn_scores", "rpn_deltas", "class_logits", "box_deltas", "mask_logits"):
         assert out[name].dtype == "float32", name
