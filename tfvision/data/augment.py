@@ -2,6 +2,10 @@
 
 Ops take ``{"image": [H,W,C] float32 0..255, "mask": [H,W,1] (optional)}``
 plus the image's parameter row and a random source, and return the same dict.
+They are written once for batches (``[B,H,W,C]`` with ``[B, P]`` rows, each
+sample its own draws; the image math is in `image_ops`): the host runs each
+image as a batch of one, and ``augment.placement: "accelerator"`` runs whole
+batches in the train step (`batch_augment`).
 Every random draw is made once per image and applied to the image and its
 mask together, so a segmentation mask never drifts from its image. Masks only
 see geometric ops, with nearest-neighbour sampling, so labels never blend.
@@ -25,12 +29,15 @@ each run as one XLA-compiled pass; the medium tier now costs ~0.6 CPU-ms per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 import tensorflow as tf
 
 from tfvision.config import AugmentParams
+from tfvision.data import image_ops as ops
+from tfvision.data.image_ops import affine_matrix
 
 # Scalar fields, in table column order. Crop fields are used at decode time.
 PARAM_FIELDS = [
@@ -76,137 +83,84 @@ class _Rng:
         return self.uniform((), -1.0, 1.0) * magnitude
 
 
-def _p(params, name):
-    return params[_COL[name]]
+_KEYS = ("image", "mask")
 
 
+def _per_sample(op):
+    """Let `op`, written for batches (``[B,H,W,C]`` images, ``[B, P]`` parameter rows), also
+    take one image and its ``[P]`` row (the host's call): it then runs as a batch of one."""
+
+    @functools.wraps(op)
+    def run(s, p, rng):
+        if p.shape.rank == 2:
+            return op(s, p, rng)
+        out = op({k: s[k][None] for k in _KEYS if k in s}, p[None], rng)
+        return {**s, **{k: out[k][0] for k in _KEYS if k in out}}
+
+    return run
+
+
+def _n(p):
+    """The batch size, static where it is known (XLA and TPUs want static shapes)."""
+    return p.shape[0] if p.shape[0] is not None else tf.shape(p)[0]
+
+
+def _sym(rng, p, name):
+    """Per sample, uniform in [-m, m] for the sample's magnitude m = its `name` parameter."""
+    return rng.uniform([_n(p)], -1.0, 1.0) * col(p, name)
+
+
+def _hw(image):
+    shape = tf.shape(image)
+    return tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+
+
+@_per_sample
 def hflip(s, p, rng):
-    return {**s, **{k: tf.reverse(s[k], [1]) for k in ("image", "mask") if k in s}}
+    return {**s, **{k: tf.reverse(s[k], [2]) for k in _KEYS if k in s}}
 
 
+@_per_sample
 def vflip(s, p, rng):
-    return {**s, **{k: tf.reverse(s[k], [0]) for k in ("image", "mask") if k in s}}
+    return {**s, **{k: tf.reverse(s[k], [1]) for k in _KEYS if k in s}}
 
 
-def affine_matrix(angle, scale, tx, ty, height, width):
-    """8-parameter projective transform (output -> input pixel map) for a rotation by
-    `angle` (radians) and zoom `scale` about the centre, then a shift (tx, ty)."""
-    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-    a0, a1 = tf.cos(angle) / scale, -tf.sin(angle) / scale
-    b0, b1 = tf.sin(angle) / scale, tf.cos(angle) / scale
-    a2 = cx - a0 * cx - a1 * cy - tx
-    b2 = cy - b0 * cx - b1 * cy - ty
-    return tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None, :]
-
-
-def _reflect(v, n):
-    """Mirror coordinates into [0, n-1] (edge pixel not repeated, OpenCV's REFLECT_101).
-
-    Written with floor and abs: XLA's floormod made the coordinates cost more than the
-    gathers (benchmarks/README.md).
-    """
-    top = tf.cast(n - 1, tf.float32)
-    period = tf.maximum(2.0 * top, 1.0)
-    v = v - period * tf.floor(v / period)  # [0, period)
-    return tf.clip_by_value(top - tf.abs(top - v), 0.0, top)
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
 def _warp(image, matrix, nearest: bool):
-    """Resample [H,W,C] through the output->input map `matrix` [1, 8], reflecting at borders.
-
-    A gather warp compiled by XLA: TF's ImageProjectiveTransformV3 kernel (TF 2.21) spent
-    2.4 ms on one 224x224 RGB image on this CPU, this 0.5 ms (benchmarks/README.md).
-    """
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    m = matrix[0]
-    xs = tf.range(tf.cast(w, tf.float32))[None, :]
-    ys = tf.range(tf.cast(h, tf.float32))[:, None]
-    sx = _reflect(m[0] * xs + m[1] * ys + m[2], w)
-    sy = _reflect(m[3] * xs + m[4] * ys + m[5], h)
-    flat = tf.reshape(image, [h * w, -1])
-    if nearest:
-        idx = tf.cast(tf.round(sy), tf.int32) * w + tf.cast(tf.round(sx), tf.int32)
-        return tf.reshape(tf.gather(flat, tf.reshape(idx, [-1])), tf.shape(image))
-    x0, y0 = tf.floor(sx), tf.floor(sy)
-    wx, wy = (sx - x0)[..., None], (sy - y0)[..., None]
-    x0i, y0i = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
-    x1i, y1i = tf.minimum(x0i + 1, w - 1), tf.minimum(y0i + 1, h - 1)
-
-    def at(y, x):
-        return tf.gather(flat, y * w + x)
-
-    top = at(y0i, x0i) * (1.0 - wx) + at(y0i, x1i) * wx
-    bottom = at(y1i, x0i) * (1.0 - wx) + at(y1i, x1i) * wx
-    # Float rounding of the weights can overshoot 255 by an ulp; images stay in 0..255.
-    return _clip(top * (1.0 - wy) + bottom * wy)
+    """Resample one [H,W,C] image through `matrix` [1, 8] (`image_ops.warp`, a batch of one)."""
+    return ops.warp(image[None], matrix, nearest)[0]
 
 
+@_per_sample
 def affine(s, p, rng):
     """Shift / scale / rotate, nearest-neighbour for masks."""
-    h, w = tf.cast(tf.shape(s["image"])[0], tf.float32), tf.cast(tf.shape(s["image"])[1], tf.float32)
-    angle = rng.sym(_p(p, "rotate")) * (math.pi / 180.0)
-    scale = 1.0 + rng.sym(_p(p, "scale"))
-    tx, ty = rng.sym(_p(p, "shift")) * w, rng.sym(_p(p, "shift")) * h
+    h, w = _hw(s["image"])
+    angle = _sym(rng, p, "rotate") * (math.pi / 180.0)
+    scale = 1.0 + _sym(rng, p, "scale")
+    tx, ty = _sym(rng, p, "shift") * w, _sym(rng, p, "shift") * h
     m = affine_matrix(angle, scale, tx, ty, h, w)
-    out = {**s, "image": _warp(s["image"], m, False)}
+    out = {**s, "image": ops.warp(s["image"], m, False)}
     if "mask" in s:
-        out["mask"] = _warp(s["mask"], m, True)
+        out["mask"] = ops.warp(s["mask"], m, True)
     return out
 
 
-# RGB <-> YIQ: hue is a rotation of the (I, Q) plane, so a whole colour jitter is one 3x3 matrix.
-_RGB2YIQ = tf.constant([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = tf.linalg.inv(_RGB2YIQ)
-_LUMA = tf.constant([0.299, 0.587, 0.114])
-
-
+@_per_sample
 def color(s, p, rng):
     """Brightness, contrast, saturation and hue jitter as x -> c*b*(M x) + (1-c)*b*grey, one pass.
 
     `grey` is the image's mean grey level (luma), the pivot of the contrast change.
     """
     img = s["image"]
-    b = 1.0 + rng.sym(_p(p, "brightness"))
-    c = 1.0 + rng.sym(_p(p, "contrast"))
+    b = 1.0 + _sym(rng, p, "brightness")
+    c = 1.0 + _sym(rng, p, "contrast")
     channels = img.shape[-1]
     if channels != 3:  # saturation and hue need RGB; grey is the mean over all channels
         weights = tf.fill([channels], 1.0 / channels)
-        return {**s, "image": _apply_color(img, b * c * tf.eye(1), (1.0 - c) * b, weights, False)}
-    sat = 1.0 + rng.sym(_p(p, "saturation"))
-    theta = rng.sym(_p(p, "hue")) * 2.0 * math.pi
-    cos, sin = tf.cos(theta), tf.sin(theta)
-    rot = tf.stack([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    hue = _YIQ2RGB @ rot @ _RGB2YIQ
-    saturate = sat * tf.eye(3) + (1.0 - sat) * tf.ones([3, 1]) * _LUMA[None, :]
-    return {**s, "image": _apply_color(img, b * c * (saturate @ hue), (1.0 - c) * b, _LUMA, True)}
-
-
-# The contrast pivot is estimated on every 4th row and column: the full-image mean was the
-# op's most expensive pass (TF reduces over H and W slowly with 3 channels innermost).
-_GREY_STRIDE = 4
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _apply_color(img, m, grey_weight, luma, rgb: bool):
-    """clip(m @ x + grey_weight * grey) per pixel; `m` acts on the channels, 1x1 for non-RGB
-    images, which have their plain mean as grey level.
-
-    One fused XLA pass over the image; TF ran the matrix, the offset and the clip as three
-    (0.5 against 0.27 CPU-ms per 224px image, benchmarks/README.md).
-    """
-    grey = tf.reduce_sum(tf.reduce_mean(img[::_GREY_STRIDE, ::_GREY_STRIDE], axis=[0, 1]) * luma)
-    if rgb:
-        out = img[..., 0:1] * m[:, 0] + img[..., 1:2] * m[:, 1] + img[..., 2:3] * m[:, 2]
-    else:
-        out = img * m[0, 0]
-    return _clip(out + grey_weight * grey)
-
-
-def _clip(image):
-    # Inside each op that can leave 0..255 (by design, or by an ulp of float rounding in a
-    # weighted sum), so images that no such op touched skip the pass.
-    return tf.clip_by_value(image, 0.0, 255.0)
+        return {**s, "image": ops.apply_color(img, tf.reshape(b * c, [-1, 1, 1]), (1.0 - c) * b, weights, False)}
+    sat = 1.0 + _sym(rng, p, "saturation")
+    theta = _sym(rng, p, "hue") * 2.0 * math.pi
+    m = ops.color_matrix(b, c, sat, theta)
+    return {**s, "image": ops.apply_color(img, m, (1.0 - c) * b, ops.LUMA, True)}
 
 
 # Extra rows and columns of the noise bank: 128 x 128 offsets give 16k distinct fields.
@@ -224,81 +178,49 @@ def noise_bank(shape, seed: int = 0) -> tf.Tensor:
     return tf.constant(field.astype(np.float32))
 
 
+@_per_sample
 def noise(s, p, rng):
-    """Gaussian noise with a per-image std up to `noise_std`, from a window of `noise_bank`."""
+    """Gaussian noise with a per-image std up to `noise_std`: on one image (the host) from a
+    window of `noise_bank`, on a batch (the accelerator) fresh, since one window for the whole
+    batch would give every image the same field."""
     img = s["image"]
-    std = rng.uniform() * _p(p, "noise_std")
-    if not img.shape.is_fully_defined():  # unknown size at trace time: no bank to cut from
-        return {**s, "image": _clip(img + rng.normal(tf.shape(img)) * std)}
+    std = (rng.uniform([_n(p)]) * col(p, "noise_std"))[:, None, None, None]
+    if img.shape[0] != 1 or not img.shape.is_fully_defined():  # a batch, or no size to cut a bank for
+        return {**s, "image": ops.clip(img + rng.normal(tf.shape(img)) * std)}
     offset = tf.cast(rng.uniform([2]) * NOISE_MARGIN, tf.int32)
     # Not an XLA-compiled pass, unlike warp and colour: XLA needs a slice's start at compile
     # time, so every new offset compiled the function again (35 CPU-ms a call, at 32 px as at
     # 224 px: 90% of the demo's input time). Plain TF costs 0.5 CPU-ms per 224 px image.
-    window = tf.slice(noise_bank(img.shape), [offset[0], offset[1], 0], tf.shape(img))
-    return {**s, "image": _clip(img + window * std)}
+    window = tf.slice(noise_bank(img.shape[1:]), [offset[0], offset[1], 0], img.shape[1:])
+    return {**s, "image": ops.clip(img + window[None] * std)}
 
 
-def blur(s, p, rng, radius: int = 3):
+@_per_sample
+def blur(s, p, rng):
     """Gaussian blur, separable, sigma drawn up to blur_sigma."""
-    img = s["image"]
-    sigma = tf.maximum(rng.uniform((), 0.1, 1.0) * _p(p, "blur_sigma"), 1e-3)
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    k = tf.exp(-0.5 * (x / sigma) ** 2)
-    k = k / tf.reduce_sum(k)
-    c = tf.shape(img)[-1]
-    kx = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, c, 1])
-    ky = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, c, 1])
-    out = tf.pad(img[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
-    out = tf.nn.depthwise_conv2d(out, kx, [1, 1, 1, 1], "VALID")
-    out = tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")
-    return {**s, "image": _clip(out[0])}
+    sigma = tf.maximum(rng.uniform([_n(p)], 0.1, 1.0) * col(p, "blur_sigma"), 1e-3)
+    return {**s, "image": ops.blur(s["image"], sigma)}
 
 
+@_per_sample
 def erase(s, p, rng, max_holes: int = 16):
     """Coarse dropout: up to `erase_holes` square holes filled with mid-grey."""
-    img = s["image"]
-    hf, wf = tf.cast(tf.shape(img)[0], tf.float32), tf.cast(tf.shape(img)[1], tf.float32)
-    active = tf.range(max_holes, dtype=tf.float32) < _p(p, "erase_holes")
-    cy, cx = rng.uniform([max_holes]) * hf, rng.uniform([max_holes]) * wf
-    half = _p(p, "erase_size") * tf.minimum(hf, wf) / 2.0
-    in_y = tf.abs(tf.range(hf)[None, :] - cy[:, None]) <= half  # [M, H]
-    in_x = tf.abs(tf.range(wf)[None, :] - cx[:, None]) <= half  # [M, W]
-    holes = tf.logical_and(in_y[:, :, None], in_x[:, None, :]) & active[:, None, None]
-    return {**s, "image": tf.where(tf.reduce_any(holes, axis=0)[..., None], 127.5, img)}
+    hf, wf = _hw(s["image"])
+    cy, cx = rng.uniform([_n(p), max_holes]) * hf, rng.uniform([_n(p), max_holes]) * wf
+    half = col(p, "erase_size") * tf.minimum(hf, wf) / 2.0
+    return {**s, "image": ops.erase(s["image"], col(p, "erase_holes"), half, cy, cx)}
 
 
-def _sample(image, ys, xs, nearest: bool):
-    """Sample [H,W,C] at float coordinates [H,W] (clamped at the border)."""
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    ys = tf.clip_by_value(ys, 0.0, tf.cast(h - 1, tf.float32))
-    xs = tf.clip_by_value(xs, 0.0, tf.cast(w - 1, tf.float32))
-
-    def at(y, x):
-        return tf.gather_nd(image, tf.stack([y, x], axis=-1))
-
-    if nearest:
-        return at(tf.cast(tf.round(ys), tf.int32), tf.cast(tf.round(xs), tf.int32))
-    y0, x0 = tf.floor(ys), tf.floor(xs)
-    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
-    y0i, x0i = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
-    y1i, x1i = tf.minimum(y0i + 1, h - 1), tf.minimum(x0i + 1, w - 1)
-    top = at(y0i, x0i) * (1 - wx) + at(y0i, x1i) * wx
-    bottom = at(y1i, x0i) * (1 - wx) + at(y1i, x1i) * wx
-    return top * (1 - wy) + bottom * wy
-
-
+@_per_sample
 def elastic(s, p, rng, grid: int = 4):
     """Elastic deformation: a smooth random displacement field (a coarse grid of random
     shifts upsampled bicubically), bilinear for images, nearest for masks."""
-    img = s["image"]
-    h, w = tf.shape(img)[0], tf.shape(img)[1]
-    field = tf.image.resize(rng.uniform([1, grid, grid, 2], -1.0, 1.0), [h, w], method="bicubic")[0]
-    field = field * _p(p, "elastic_alpha")
-    ys, xs = tf.meshgrid(tf.range(tf.cast(h, tf.float32)), tf.range(tf.cast(w, tf.float32)), indexing="ij")
-    src_y, src_x = ys + field[..., 0], xs + field[..., 1]
-    out = {**s, "image": _clip(_sample(img, src_y, src_x, nearest=False))}
+    shape = tf.shape(s["image"])
+    shifts = rng.uniform([_n(p), grid, grid, 2], -1.0, 1.0)
+    ys, xs = ops.elastic_coords(shifts, col(p, "elastic_alpha"), shape[1], shape[2])
+    out = {**s, "image": ops.sample(s["image"], ys, xs, nearest=False)}
     if "mask" in s:
-        out["mask"] = _sample(s["mask"], src_y, src_x, nearest=True)
+        out["mask"] = ops.sample(s["mask"], ys, xs, nearest=True)
     return out
 
 
@@ -325,7 +247,7 @@ def augment_image(sample: dict, params: tf.Tensor, seed: tf.Tensor, plan: Plan) 
     rng = _Rng(seed)
     s = {k: sample[k] for k in ("image", "mask") if k in sample}
     for op, gate in plan.ops:
-        fire = rng.uniform() < _p(params, gate)
+        fire = rng.uniform() < params[_COL[gate]]
         sub = _Rng(rng.next_seed())  # the op's own stream: the same draws whether or not others fire
         s = tf.cond(fire, lambda op=op, s=s, sub=sub: op(s, params, sub), lambda s=s: s)
     return {**sample, **s}
