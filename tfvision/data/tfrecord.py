@@ -156,46 +156,90 @@ def _record_writer(path, gzip: bool):
         yield writer
 
 
+def _reason(path: str, channels: int) -> str:
+    return rejection_reason(path, channels) or "cannot be decoded"
+
+
+def encode_checked(row: tuple, data: bytes, hw, native: int, num_classes: int) -> tuple[bytes, np.ndarray | None]:
+    """The record of a `ShardJob` row whose image passed the check: (serialized tf.Example,
+    its mask's pixels per class or None). Raises `checked_mask`'s DataError for a bad mask."""
+    path, image_id, group, label, target, known, eval_target, fold, mask_path = row
+    mask = counts = None
+    if mask_path is not None:
+        mask, counts = checked_mask(mask_path, hw, num_classes)
+    return F.encode_example(
+        image=data, height=hw[0], width=hw[1], channels=native, image_id=image_id, group=group,
+        label=label, target=target, fold=fold, known=known, eval_target=eval_target, mask=mask), counts
+
+
+def check_sample(row: tuple, channels: int, num_classes: int = 0):
+    """Read, check and encode one `ShardJob` row on its own, with `write_shard`'s checks and
+    rejection reasons (the per-sample step of the Beam conversion, `tfvision.data.beam`).
+
+    Returns:
+        (record, pixel counts or None, None), or (None, None, {"path", "reason"}) for a rejected file.
+    """
+    try:
+        data, hw, native = (t.numpy() for t in _checker(channels)(tf.constant(row[0])))
+    except tf.errors.OpError:
+        return None, None, {"path": row[0], "reason": _reason(row[0], channels)}
+    try:
+        record, counts = encode_checked(row, data, hw, native, num_classes)
+    except DataError as e:  # the image is fine, its label image is not: the sample goes
+        return None, None, {"path": row[0], "reason": str(e)}
+    return record, counts, None
+
+
+def write_records(final: str, records, gzip: bool) -> tuple[int, str]:
+    """Write serialized `records` as the shard `final`, under a temporary name renamed when
+    complete. Returns (size in bytes, sha256 hex)."""
+    with atomic_path(final) as tmp:
+        with _record_writer(tmp, gzip) as writer:
+            for record in records:
+                writer.write(record)
+        return file_digest(str(tmp))
+
+
 def write_shard(job: ShardJob) -> dict:
     """Check, encode and write one shard under a temporary name, then rename it.
 
     Each file is read once; its bytes are decode-checked and written as they are.
-    Returns ``{"name", "records", "bytes", "sha256", "rejected"}``.
+    Returns ``{"name", "records", "bytes", "sha256", "rejected", "pixel_counts"}``.
     """
-    rows, rejected, records, expected = job.rows, [], 0, 0
-    final = os.path.join(job.directory, job.name)
+    rows, rejected, expected, written = job.rows, [], 0, 0
     pixels = np.zeros(job.num_classes, np.int64)
 
     def reject(upto):
         for j in range(expected, upto):
-            rejected.append({"path": rows[j][0], "reason": rejection_reason(rows[j][0], job.channels)
-                             or "cannot be decoded"})
+            rejected.append({"path": rows[j][0], "reason": _reason(rows[j][0], job.channels)})
 
-    with atomic_path(final) as tmp:
-        with _record_writer(tmp, job.gzip) as writer:
-            stream = checked_images([r[0] for r in rows], job.channels, job.threads)
-            for i, data, hw, native in stream.as_numpy_iterator():
-                if job.parent_pid is not None and os.getppid() != job.parent_pid:
-                    raise RuntimeError("the converter process is gone")  # no rename: the shard is redone
-                reject(i)
-                expected = i + 1
-                path, image_id, group, label, target, known, eval_target, fold, mask_path = rows[i]
-                mask = None
-                if mask_path is not None:
-                    try:
-                        mask, counts = checked_mask(mask_path, hw, job.num_classes)
-                    except DataError as e:  # the image is fine, its label image is not: the sample goes
-                        rejected.append({"path": path, "reason": str(e)})
-                        continue
-                    pixels += counts
-                writer.write(F.encode_example(
-                    image=data, height=hw[0], width=hw[1], channels=native, image_id=image_id, group=group,
-                    label=label, target=target, fold=fold, known=known, eval_target=eval_target, mask=mask))
-                records += 1
-            reject(len(rows))
-        size, digest = file_digest(str(tmp))
-    return {"name": job.name, "records": records, "bytes": size, "sha256": digest, "rejected": rejected,
-            "pixel_counts": pixels.tolist()}
+    def records():
+        nonlocal expected, written
+        stream = checked_images([r[0] for r in rows], job.channels, job.threads)
+        for i, data, hw, native in stream.as_numpy_iterator():
+            if job.parent_pid is not None and os.getppid() != job.parent_pid:
+                raise RuntimeError("the converter process is gone")  # no rename: the shard is redone
+            reject(i)
+            expected = i + 1
+            try:
+                record, counts = encode_checked(rows[i], data, hw, native, job.num_classes)
+            except DataError as e:  # the image is fine, its label image is not: the sample goes
+                rejected.append({"path": rows[i][0], "reason": str(e)})
+                continue
+            if counts is not None:
+                pixels[:] += counts
+            written += 1
+            yield record
+        reject(len(rows))
+
+    size, digest = write_records(os.path.join(job.directory, job.name), records(), job.gzip)
+    return shard_result(job.name, written, size, digest, rejected, pixels)
+
+
+def shard_result(name: str, records: int, size: int, digest: str, rejected: list, pixels) -> dict:
+    """What `convert` keeps of a written shard (the state file, then the manifest)."""
+    return {"name": name, "records": records, "bytes": size, "sha256": digest, "rejected": rejected,
+            "pixel_counts": [int(v) for v in pixels]}
 
 
 def file_digest(path: str, chunk: int = 4 << 20) -> tuple[int, str]:
