@@ -10,6 +10,7 @@ exercise each layout's path through tfvision, not to reach an accuracy.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,96 @@ def mni_volumes(base: Path, n_patients: int = 3, z: tuple[int, int] = (20, 60), 
         rows.append({"image": f"p{i}_ct.nii.gz", "mask": f"p{i}_seg.nii.gz", "patient": f"patient{i}"})
     pd.DataFrame(rows).to_csv(root / "volumes.csv", index=False)
     return Layout(root, root / "p0_ct.nii.gz")
+
+
+# --------------------------------------------------------------------------- instance segmentation
+
+SHAPE_CLASSES = ("disc", "square", "triangle")
+
+
+def _shape_mask(kind: str, size: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[: size[0], : size[1]] + 0.5
+    if kind == "disc":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    if kind == "square":
+        return (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+    return (yy <= cy + r * 0.8) & (yy - (cy - r) >= 2 * np.abs(xx - cx))  # apex up
+
+
+def shapes_image(seed: int, size: tuple[int, int] = (64, 64), count: tuple[int, int] = (2, 5)):
+    """A grey photo crop with 2-4 translucent shapes of three classes, some overlapping.
+
+    Translucent, so that where two shapes overlap both stay visible and both masks are
+    true there: the overlapping ground truth that per-instance masks allow.
+
+    Returns:
+        (image [H, W, 3] uint8, masks [N, H, W] bool, classes [N] int).
+    """
+    rng = np.random.default_rng(seed)
+    image = crop(GREY["camera"](), seed, (size[1], size[0])).astype(np.float32)[..., None].repeat(3, -1) * 0.4
+    colours = {"disc": (255, 60, 60), "square": (60, 255, 60), "triangle": (80, 120, 255)}
+    masks, classes = [], []
+    for _ in range(rng.integers(*count)):
+        k = int(rng.integers(len(SHAPE_CLASSES)))
+        r = rng.uniform(0.12, 0.22) * min(size)
+        cy, cx = rng.uniform(r, size[0] - r), rng.uniform(r, size[1] - r)
+        mask = _shape_mask(SHAPE_CLASSES[k], size, cy, cx, r)
+        image[mask] = 0.45 * image[mask] + 0.55 * np.array(colours[SHAPE_CLASSES[k]], np.float32)
+        masks.append(mask)
+        classes.append(k)
+    return image.clip(0, 255).astype(np.uint8), np.array(masks), np.array(classes)
+
+
+def sartorius(base: Path, n_images: int = 24, size: tuple[int, int] = (64, 96)) -> Layout:
+    """Sartorius cell instance segmentation: ``train.csv`` (``id, annotation, width, height, cell_type``,
+    one row-major RLE per instance, 1-based) and grey ``train/<id>.png``; ``test/`` holds unlabelled
+    images, as in the download. The cells are the translucent shapes of `shapes_image`."""
+    from tfvision.data import rle
+
+    root = base / "sartorius-cell-instance-segmentation"
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    rows = []
+    for i in range(n_images + 3):
+        image, masks, classes = shapes_image(i, size)
+        name = f"{0x0030FD0E6378 + 7919 * i:012x}"
+        grey = Image.fromarray(image).convert("L")
+        if i >= n_images:
+            grey.save(root / "test" / f"{name}.png")
+            continue
+        grey.save(root / "train" / f"{name}.png")
+        for mask, k in zip(masks, classes, strict=True):
+            rows.append({"id": name, "annotation": rle.encode(mask, order="C"), "width": size[1],
+                         "height": size[0], "cell_type": ("astro", "cort", "shsy5y")[k]})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return Layout(root, root / "test")
+
+
+def coco_instances(base: Path, n_images: int = 24, size: tuple[int, int] = (64, 64)) -> Layout:
+    """A COCO-JSON dataset: ``annotations/instances.json`` (compressed RLE segmentations with
+    ``area``, ``bbox``, ``iscrowd``; the reader's polygon path is tested in test_instance_data) and ``images/<file_name>.jpg``; ``unlabelled/`` holds
+    images for predict."""
+    from tfvision.data import rle
+
+    root = base / "coco_shapes"
+    for d in ("images", "annotations", "unlabelled"):
+        (root / d).mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(n_images + 3):
+        image, masks, classes = shapes_image(100 + i, size)
+        name = f"{i:012d}.jpg"
+        if i >= n_images:
+            (root / "unlabelled" / name).write_bytes(jpeg_bytes(image))
+            continue
+        (root / "images" / name).write_bytes(jpeg_bytes(image))
+        images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
+        for mask, k in zip(masks, classes, strict=True):
+            encoded = rle.to_coco(mask)
+            ys, xs = np.nonzero(mask)
+            bbox = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(k) + 1,
+                                "segmentation": encoded, "area": int(mask.sum()), "bbox": bbox, "iscrowd": 0})
+    categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(SHAPE_CLASSES)]
+    (root / "annotations" / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return Layout(root, root / "unlabelled")

@@ -82,8 +82,8 @@ class OversampleConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["ham10000", "csv", "folders", "tfrecord", "chexpert", "volumes"] = opt(
-        help="where samples come from")
+    source: Literal["ham10000", "csv", "folders", "tfrecord", "chexpert", "volumes", "coco", "sartorius",
+                    "airbus"] = opt(help="where samples come from")
     root: str | None = opt(None, help="dataset folder; image paths in CSVs resolve against it. Read only: "
                            "tfvision never writes here (see cache_dir). May be left out with prepare "
                            "(the dataset is then built in the cache)", exists="dir")
@@ -92,6 +92,14 @@ class DataConfig:
                                 "$XDG_CACHE_HOME/tfvision or ~/.cache/tfvision; never root unless set so")
     csv: str | None = opt(None, help="CSV file, relative to root", exists="file")
     val_csv: str | None = opt(None, help="second CSV whose rows are the validation set", exists="file")
+    annotations: str | None = opt(None, help="coco: the instances JSON, relative to root (images resolve "
+                                  "against root by their file_name)", exists="file")
+    val_annotations: str | None = opt(None, help="coco: a second instances JSON whose images are the "
+                                      "validation set", exists="file")
+    rle_order: Literal["C", "F"] | None = opt(
+        None, help="sartorius/airbus: pixel order of the RLE, C row-major, F column-major; default the "
+        "layout's own (sartorius C, airbus F)")
+    rle_base: int = opt(1, min=0, max=1, help="sartorius/airbus: index of the first pixel in the RLE")
     split_column: str | None = opt(None, help="column with train/val/test per row")
     path_column: str = opt("path", help="CSV column with the image path")
     path_template: str | None = opt(
@@ -494,7 +502,7 @@ def check_paths(cfg: Config) -> None:
     # Shards may be in cloud storage (gs:// for TPUs); only a local folder is checked here.
     if data.source == "tfrecord" and "://" not in data.root and not (root / "manifest.json").is_file():
         raise ConfigError(f"data.root: no manifest.json in {str(root)!r}; make shards with python -m tfvision.convert")
-    for key in ("csv", "val_csv"):
+    for key in ("csv", "val_csv", "annotations", "val_annotations"):
         value = getattr(data, key)
         if value is not None and data.prepare is None and data.source != "tfrecord":
             p = root / value
@@ -524,13 +532,17 @@ def check_semantics(cfg: Config, task_backbones: tuple[str, ...] = ()) -> None:
     for cls, f in d.oversample.factors.items():
         if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
             raise ConfigError(f"data.oversample.factors.{cls}: expected a positive number, got {json.dumps(f)}")
-    if d.source == "csv" and d.csv is None:
-        raise ConfigError("data.csv: required when data.source is 'csv'")
+    if d.source in ("csv", "sartorius", "airbus") and d.csv is None:
+        raise ConfigError(f"data.csv: required when data.source is {d.source!r}")
+    if d.source == "coco" and d.annotations is None:
+        raise ConfigError("data.annotations: required when data.source is 'coco' (the instances JSON)")
     if isinstance(d.image_size, list) and len(d.image_size) != 2:
         raise ConfigError(f"data.image_size: expected N or [H, W], got {d.image_size}")
     if d.val_csv and d.split_column:
         raise ConfigError("data.val_csv: give either val_csv or split_column, not both")
-    if d.split.method == "grouped" and not d.group_column and d.source not in ("ham10000", "chexpert", "tfrecord"):
+    # These layouts name their own groups (lesion, patient, the shards' saved split, the image).
+    own_groups = ("ham10000", "chexpert", "tfrecord", "coco", "sartorius", "airbus")
+    if d.split.method == "grouped" and not d.group_column and d.source not in own_groups:
         raise ConfigError("data.split.method: 'grouped' needs data.group_column")
     if d.split.fold is not None and d.split.fold >= d.split.n_folds:
         raise ConfigError(f"data.split.fold: {d.split.fold} must be below n_folds={d.split.n_folds}")

@@ -174,8 +174,8 @@ def _backbone_of(model: keras.Model):
     """The nested pretrained encoder ("backbone"), or None (classic U-Net)."""
     try:
         return model.get_layer("backbone")
-    except ValueError:
-        return None
+    except ValueError:  # Mask R-CNN nests it in its pyramid and names it as a property
+        return getattr(model, "backbone", None)
 
 
 def finish(cfg, run_dir: Path, task, model, inputs):

@@ -103,7 +103,7 @@ class FileInputs(Inputs):
         tiers = self.task.tiers(targets, self.tiers) if train and self.tiers is not None else None
         weights = sample_weight(targets, self.weights).numpy() if train and self.weights is not None else None
         return Samples(frame["path"].to_numpy(), targets, tiers=tiers, known=known, weights=weights,
-                       mask_paths=self.task.mask_paths(frame))
+                       mask_paths=self.task.mask_paths(frame), extra=self.task.element_columns(frame))
 
     def _oversample(self, cfg: Config):
         s = self._samples["train"]
@@ -120,7 +120,7 @@ class FileInputs(Inputs):
 
     def dataset(self, split, spec, *, training, repeat=False, format_batch=None):
         return build_dataset(self._samples[split], spec, training=training, repeat=repeat,
-                             format_batch=format_batch)
+                             format_batch=format_batch, decode_targets=self.task.decode_targets)
 
     def targets(self, split):
         return self.task.eval_targets(self.frames[split], self.class_names)
@@ -132,6 +132,9 @@ class FileInputs(Inputs):
 def check_data(cfg: Config, run_dir: Path, frame: pd.DataFrame, missing: list[dict], resuming: bool):
     """Decode every file once; drop and report the bad ones; stop if too many."""
     report_path = run_dir / "data_report.json"
+    # An entry with a row is one bad annotation (instance sources): listed, but its image stays.
+    annotations = [r for r in missing if r.get("row") is not None]
+    missing = [r for r in missing if r.get("row") is None]
     if resuming and report_path.exists():
         rejected = read_json(report_path)["rejected"]
     else:
@@ -160,6 +163,10 @@ def check_data(cfg: Config, run_dir: Path, frame: pd.DataFrame, missing: list[di
         "n_samples": int(len(kept)), "n_rejected": len(rejected), "rejected_fraction": fraction,
         "class_counts": counts, "rejected": rejected,
     }
+    if annotations:
+        report["rejected_annotations"] = annotations
+        log.warning("%d annotation(s) rejected (their images keep the others); see %s",
+                    len(annotations), report_path)
     write_json(report_path, report)
     for r in rejected[:20]:
         log.warning("skipped %s: %s", r["path"], r["reason"])

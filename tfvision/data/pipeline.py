@@ -43,6 +43,7 @@ class Samples:
     weights: np.ndarray | None = None  # [N] float32 sample weights
     mask_paths: np.ndarray | None = None  # [N] str, integer label images (segmentation)
     sampling: np.ndarray | None = None  # [N] relative sampling weights (oversampling, training only)
+    extra: dict | None = None  # task columns, [N, ...] arrays or tf.RaggedTensor (instances), read by decode_targets
 
     def __len__(self):
         return len(self.paths)
@@ -103,6 +104,7 @@ def _element_seeds(seed: int) -> tf.data.Dataset:
 
 def build_dataset(
     samples: Samples, spec: PipelineSpec, *, training: bool, repeat: bool = False, format_batch=None,
+    decode_targets=None,
 ) -> tf.data.Dataset:
     """Batched dataset of model-ready elements from loose files.
 
@@ -113,6 +115,7 @@ def build_dataset(
         repeat: repeat forever (with `steps_per_epoch`).
         format_batch: task hook turning the batch dict into `(x, y[, w])`;
             default `(image, target[, weight])`.
+        decode_targets: task hook for targets that move with the image (see `from_elements`).
     """
     n = len(samples)
     columns = {"path": samples.paths.astype(str), "target": samples.targets.astype(np.float32),
@@ -123,6 +126,7 @@ def build_dataset(
         columns["weight"] = samples.weights.astype(np.float32)
     if samples.mask_paths is not None:
         columns["mask_path"] = samples.mask_paths.astype(str)
+    columns.update(samples.extra or {})
     if training and samples.sampling is not None:
         ds = weighted_dataset(columns, samples.sampling, spec.seed)
     else:
@@ -130,7 +134,7 @@ def build_dataset(
     if training and spec.cache and samples.sampling is None:  # cache the file bytes; decoding stays per epoch (random crops)
         ds = ds.map(_read_files, num_parallel_calls=AUTOTUNE).cache()
     return from_elements(ds, spec, training=training, repeat=repeat, format_batch=format_batch,
-                         size_hint=n)
+                         size_hint=n, decode_targets=decode_targets)
 
 
 def _read_files(s: dict) -> dict:
@@ -145,6 +149,7 @@ def from_elements(
     ds: tf.data.Dataset, spec: PipelineSpec, *, training: bool, repeat: bool = False, format_batch=None,
     size_hint: int | None = None,
     shard_policy=tf.data.experimental.AutoShardPolicy.DATA,
+    decode_targets=None,
 ) -> tf.data.Dataset:
     """The shared tail of every source: per-element dicts -> model-ready batches.
 
@@ -153,6 +158,12 @@ def from_elements(
     integer label PNG, cropped and resized with the image, nearest-neighbour).
     Loose files and TFRecord shards both end here, so they get the same
     decode and augmentation graph.
+
+    ``decode_targets(element, window, size)``, a task hook, turns the task's own
+    columns into tensors that move with the image: it returns the element with a
+    ``mask`` [H, W, C] (any channels: instance masks are one channel each) cut to
+    `window` ([y, x, h, w] of the source image; None: the whole image) and
+    resized to `size`, which the geometric augmentations then move with the image.
     """
     table = aug.param_table(spec.tiers)
     do_aug = training and spec.augment
@@ -170,11 +181,14 @@ def from_elements(
         out.update(image=image, params=params)
         if "mask_bytes" in s:
             out["mask"] = tf.image.resize(decode_mask(s["mask_bytes"], window), size, method="nearest")
+        if decode_targets is not None:
+            out = decode_targets(out, window, size)
         if native:
+            mask_channels = out["mask"].shape[-1] if "mask" in out else None
             out = aug.augment_image(out, params, seed + [1, 0], plan)
             out["image"].set_shape(size + (spec.channels,))
             if "mask" in out:
-                out["mask"].set_shape(size + (1,))
+                out["mask"].set_shape(size + (mask_channels,))
         return out
 
     if training:

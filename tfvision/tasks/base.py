@@ -97,6 +97,13 @@ class Task:
         """Label images travelling with the images (segmentation)."""
         return None
 
+    def element_columns(self, frame: pd.DataFrame) -> dict | None:
+        """Per-sample columns of the task's own (e.g. instance masks as RLE runs) that the pipeline
+        carries to `decode_targets`: [N, ...] arrays or `tf.RaggedTensor`s."""
+        return None
+
+    decode_targets = None  # (element, window, size) -> element: see `tfvision.data.pipeline.from_elements`
+
     def image_labels(self, targets: np.ndarray) -> np.ndarray:
         """Per-image labels from targets [N, K], for extract's features file (see `label_layout`)."""
         return (targets >= 0.5).astype(np.int64) if self.label_layout == "multi_hot" else targets.argmax(1)

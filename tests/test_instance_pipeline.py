@@ -1,0 +1,224 @@
+"""Instances through the shared pipeline: sources, in-graph RLE decode, joint augmentation, targets.
+
+Oracles: the instance masks themselves (decoded by pycocotools when the records
+are read, compared here with what the graph decodes from the runs), exact crops
+and 2x nearest upscales (np.repeat), `boxes_from_masks` for the derived boxes,
+and, for the augmentations, the image: each shape is drawn in the image in its
+own colour, so a mask that drifted from its image shows up as colour mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from tests import layouts
+from tfvision.config import AugmentParams
+from tfvision.config_loader import config_from_dict
+from tfvision.data.instance_annotations import ImageInstances, boxes_from_masks
+from tfvision.data.instances import decode_instances, instance_columns, instance_targets
+from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset
+from tfvision.data.rle import coco_rles
+
+
+def _records(seeds, size=(48, 64)):
+    records, truth = [], []
+    for seed in seeds:
+        _, masks, classes = layouts.shapes_image(seed, size)
+        record = ImageInstances(f"img{seed}", *size)
+        for mask, k, rle in zip(masks, classes, coco_rles(masks), strict=True):
+            record.add(int(k), rle)
+        records.append(record)
+        truth.append((masks, classes))
+    return records, truth
+
+
+def _decoded(record_columns, index, window, size, max_instances):
+    element = {k: v[index] for k, v in record_columns.items()}
+    out = decode_instances(element, window, size, max_instances)
+    return out["mask"].numpy(), out["instance_classes"].numpy()
+
+
+def _as_set(masks, classes):
+    """Instances as a sorted list of (class, mask bytes): order-free comparison."""
+    return sorted((int(k), m.astype(bool).tobytes()) for m, k in zip(masks, classes, strict=True))
+
+
+def test_runs_decode_to_every_instance_with_its_class_and_padding():
+    records, truth = _records([0, 1, 2])
+    columns = instance_columns(records)
+    for i, (masks, classes) in enumerate(truth):
+        decoded, kept = _decoded(columns, i, None, (48, 64), max_instances=6)
+        n = len(masks)
+        assert decoded.shape == (48, 64, 6) and decoded.dtype == np.uint8
+        assert _as_set(np.moveaxis(decoded, -1, 0)[:n], kept[:n]) == _as_set(masks, classes)
+        assert (kept[n:] == -1).all() and not decoded[..., n:].any()
+
+
+def test_window_crops_exactly_and_upscales_by_replication():
+    records, truth = _records([3])
+    columns = instance_columns(records)
+    masks, classes = truth[0]
+    window = tf.constant([5, 9, 20, 30])  # y, x, h, w
+    cut = masks[:, 5:25, 9:39]
+    decoded, kept = _decoded(columns, 0, window, (20, 30), max_instances=8)
+    visible = cut.any(axis=(1, 2))
+    got = np.moveaxis(decoded, -1, 0)
+    assert _as_set(got[got.any(axis=(1, 2))], kept[got.any(axis=(1, 2))]) == _as_set(cut[visible], classes[visible])
+    doubled, _ = _decoded(columns, 0, window, (40, 60), max_instances=8)
+    np.testing.assert_array_equal(doubled, decoded.repeat(2, axis=0).repeat(2, axis=1))
+
+
+def test_max_instances_keeps_those_overlapping_the_window_most():
+    size = (40, 40)
+    masks = np.zeros((3, *size), bool)
+    masks[0, 0:10, 0:10] = True  # 100 px inside the window below
+    masks[1, 30:40, 30:40] = True  # outside it
+    masks[2, 0:20, 0:20] = True  # 400 px inside
+    record = ImageInstances("x", *size)
+    for k, rle in enumerate(coco_rles(masks)):
+        record.add(k, rle)
+    columns = instance_columns([record])
+    decoded, kept = _decoded(columns, 0, tf.constant([0, 0, 25, 25]), (25, 25), max_instances=2)
+    assert kept.tolist() == [2, 0]
+    np.testing.assert_array_equal(decoded[..., 0], masks[2, :25, :25])
+
+
+def test_targets_derive_boxes_from_the_masks_and_drop_empty_instances():
+    records, truth = _records([4, 5])
+    columns = instance_columns(records)
+    batch = [_decoded(columns, i, None, (48, 64), max_instances=6) for i in range(2)]
+    masks = np.stack([b[0] for b in batch])
+    masks[0, ..., 0] = 0  # an instance the augmentations left empty
+    targets = {k: v.numpy() for k, v in instance_targets(masks, np.stack([b[1] for b in batch])).items()}
+    for b in range(2):
+        per_instance = np.moveaxis(masks[b], -1, 0)
+        np.testing.assert_array_equal(targets["boxes"][b], boxes_from_masks(per_instance))
+        present = per_instance.any(axis=(1, 2))
+        np.testing.assert_array_equal(targets["classes"][b] >= 0, present)
+        np.testing.assert_array_equal(targets["masks"][b], per_instance)
+    assert targets["classes"][0, 0] == -1
+
+
+def _colour_samples(n=6, size=(48, 48)):
+    """Images whose only content is their shapes, each shape in a colour of its own class."""
+    paths, records = [], []
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(tempfile.mkdtemp(prefix="instances-"))
+    for seed in range(n):
+        _, masks, classes = layouts.shapes_image(10 + seed, size, count=(2, 3))
+        image = np.zeros((*size, 3), np.uint8)
+        for mask, k in zip(masks, classes, strict=True):
+            image[mask, k] = 255  # class k lights channel k
+        path = folder / f"{seed}.png"
+        Image.fromarray(image).save(path)
+        record = ImageInstances(path.name, *size)
+        for k, rle in zip(classes, coco_rles(masks), strict=True):
+            record.add(int(k), rle)
+        paths.append(str(path))
+        records.append(record)
+    return np.array(paths), records
+
+
+def test_geometric_augmentations_move_every_instance_with_its_image():
+    paths, records = _colour_samples()
+    # Colour and noise off: each class must keep its own channel.
+    params = AugmentParams(hflip=1.0, vflip=0.5, affine_p=1.0, rotate=20.0, scale=0.2, color_p=0.0,
+                           noise_p=0.0, crop_scale=[0.5, 1.0])
+    spec = PipelineSpec(image_size=(48, 48), channels=3, batch_size=3, tiers=[params], shuffle_buffer=8)
+
+    def decode_targets(element, window, size):
+        return decode_instances(element, window, size, max_instances=4)
+
+    samples = Samples(paths, np.zeros((len(paths), 1), np.float32), extra=instance_columns(records))
+    ds = build_dataset(samples, spec, training=True, decode_targets=decode_targets,
+                       format_batch=lambda b: (b["image"], instance_targets(b["mask"], b["instance_classes"])))
+    checked = 0
+    for images, targets in ds.take(4):
+        for b in range(len(images)):
+            for m in range(4):
+                k = int(targets["classes"][b, m])
+                if k < 0:
+                    continue
+                mask = targets["masks"][b, m].numpy() > 0
+                lit = images[b, ..., k].numpy() > 127
+                # The mask is nearest-sampled and the image bilinear: they may differ on the rim only.
+                assert (mask & lit).sum() / mask.sum() > 0.8, (b, m)
+                checked += 1
+    assert checked >= 10
+
+
+def _config(root, **data):
+    return {"task": "instance_segmentation", "data": {"root": str(root), "image_size": [64, 96], **data},
+            "model": {"backbone": "small_cnn", "weights": None},
+            "instance_segmentation": {"maskrcnn": {"max_level": 4}}}
+
+
+def test_sartorius_source_reports_bad_rows_and_keeps_their_images(tmp_path):
+    from tfvision.data.sources import load_samples
+
+    layout = layouts.sartorius(tmp_path, n_images=4)
+    table = pd.read_csv(layout.root / "train.csv")
+    first = table["id"].iloc[0]
+    table.loc[0, "annotation"] = "1 5 3"  # an odd number of values
+    table.loc[1, "annotation"] = f"{64 * 96 - 2} 9"  # runs past the image
+    table.to_csv(layout.root / "train.csv", index=False)
+    cfg = config_from_dict(_config(layout.root, source="sartorius", csv="train.csv", label_column="cell_type"))
+    samples = load_samples(cfg.data)
+    rows = sorted(r["row"] for r in samples.missing)
+    assert rows == [0, 1] and all("reason" in r for r in samples.missing)
+    assert str(layout.root / "train" / f"{first}.png") in set(samples.frame["path"])
+
+
+def test_coco_source_uses_the_second_json_as_validation(tmp_path):
+    from tfvision.data.sources import load_samples
+
+    layout = layouts.coco_instances(tmp_path, n_images=6)
+    data = json.loads((layout.root / "annotations" / "instances.json").read_text())
+    val = {**data, "images": data["images"][4:],
+           "annotations": [a for a in data["annotations"] if a["image_id"] > 4]}
+    train = {**data, "images": data["images"][:4],
+             "annotations": [a for a in data["annotations"] if a["image_id"] <= 4]}
+    (layout.root / "annotations" / "train.json").write_text(json.dumps(train))
+    (layout.root / "annotations" / "val.json").write_text(json.dumps(val))
+    cfg = config_from_dict(_config(layout.root, source="coco", annotations="annotations/train.json",
+                                   val_annotations="annotations/val.json", image_dirs=["images"]))
+    frame = load_samples(cfg.data).frame
+    assert frame["split"].tolist() == ["train"] * 4 + ["val"] * 2
+
+
+def test_an_image_whose_size_differs_from_its_annotations_is_left_out(tmp_path):
+    from PIL import Image
+
+    from tfvision.data.sources import load_samples
+
+    layout = layouts.coco_instances(tmp_path, n_images=3)
+    Image.new("RGB", (32, 32)).save(layout.root / "images" / "000000000001.jpg")
+    cfg = config_from_dict(_config(layout.root, source="coco", annotations="annotations/instances.json",
+                                   image_dirs=["images"]))
+    table = load_samples(cfg.data)
+    assert len(table.frame) == 2
+    (reason,) = [r["reason"] for r in table.missing]
+    assert "32x32" in reason and "64x64" in reason
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"maskrcnn": {"rpn_sampels": 64}}, "did you mean 'rpn_samples'"),
+    ({"maskrcnn": {"max_level": 6}}, "multiples of 64"),
+])
+def test_config_rules_name_the_key(tmp_path, section, message):
+    from tfvision.errors import ConfigError
+
+    layout = layouts.coco_instances(tmp_path, n_images=2)
+    raw = _config(layout.root, source="coco", annotations="annotations/instances.json")
+    raw["instance_segmentation"] = section
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)

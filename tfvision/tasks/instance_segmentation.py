@@ -1,0 +1,187 @@
+"""Instance segmentation: Mask R-CNN on COCO JSON, Sartorius and Airbus CSV layouts.
+
+Everything this task adds to the generic commands is here:
+
+- data: the three sources (`tfvision.data.instance_sources`) give one row an
+  image; this task hands the pipeline each image's instances as RLE runs
+  (`element_columns`), decodes the ones in the crop window into mask channels
+  that the joint augmentations move with the image (`decode_targets`), and
+  turns a batch into the model's padded ground truth (`format_batch`: boxes
+  from the transformed masks, class -1 for padding and for instances the
+  augmentations left empty);
+- model: `tfvision.models.maskrcnn.MaskRCNN`, which computes its five losses in
+  its own train step (so `compile` gets no loss), with the hyper-parameters of
+  the ``maskrcnn`` section over Model Garden's defaults;
+- scores: COCO bbox/segm AP, AP50, AP75 (pycocotools) and the Kaggle IoU sweep
+  (DSB 2018 / Sartorius) on the validation split, at the model's input size, with
+  the predictions' overlaps removed in score order as a submission's are.
+
+Config section ``instance_segmentation``: see `InstanceOptions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from tfvision.config import opt
+from tfvision.data import instance_sources  # noqa: F401  (registers the coco, sartorius, airbus sources)
+from tfvision.errors import ConfigError, did_you_mean
+from tfvision.tasks.base import TASKS, Task
+
+
+@dataclass(kw_only=True)
+class InstanceOptions:
+    max_instances: int = opt(100, min=1, help="instances per training image (the padded ground truth); an "
+                             "image with more keeps those overlapping its crop most")
+    score_threshold: float = opt(0.05, min=0.0, max=1.0, help="detections scoring below are dropped")
+    nms_iou: float = opt(0.5, min=0.0, max=1.0, help="per-class NMS IoU of the detections")
+    max_detections: int = opt(100, min=1, help="detections per image")
+    mask_threshold: float = opt(0.5, min=0.0, max=1.0, help="a pixel is in a mask above this probability")
+    min_area: int = opt(0, min=0, help="after overlap removal (each pixel to the highest-scoring mask), "
+                        "masks with fewer pixels are dropped")
+    maskrcnn: dict = opt(factory=dict, help="Mask R-CNN hyper-parameters over Model Garden's defaults, e.g. "
+                         '{"rpn_samples": 256, "mask_weight": 1.0} (tfvision.models.maskrcnn.config)')
+
+
+@TASKS.register("instance_segmentation")
+class InstanceSegmentation(Task):
+    name = "instance_segmentation"
+    options = InstanceOptions
+    losses = ("maskrcnn",)  # the model's own five losses (RPN score/box, box head class/box, mask)
+    sources = ("coco", "sartorius", "airbus")
+    mix = False
+    label_layout = None
+    sample_class_weights = False
+
+    # ---- config -----------------------------------------------------------------------------
+    def check_config(self, cfg):
+        super().check_config(cfg)
+        self.model_config(cfg)  # unknown or invalid hyper-parameters fail here, before TensorFlow
+        a = cfg.augment
+        if a.mix.mixup_alpha > 0 or a.mix.cutmix_alpha > 0:
+            raise ConfigError("augment.mix: MixUp/CutMix are not available for instance segmentation (a blended "
+                              "or pasted pixel has no instance); set mixup_alpha and cutmix_alpha to 0")
+        if a.albumentations is not None:
+            raise ConfigError("augment.albumentations: not available for instance segmentation; the built-in "
+                              "ops move the instance masks with the image")
+        if cfg.data.oversample.enabled:
+            raise ConfigError("data.oversample: not available for instance segmentation (no per-image class)")
+        height, width = cfg.data.size
+        stride = 2 ** self.model_config(cfg).max_level
+        if height % stride or width % stride:
+            raise ConfigError(f"data.image_size: Mask R-CNN needs multiples of {stride} (2 ** max_level), got "
+                              f"{cfg.data.size}")
+
+    def model_config(self, cfg):
+        from tfvision.models.maskrcnn.config import MaskRCNNConfig
+
+        o = cfg.task_options
+        fields = [f.name for f in dataclasses.fields(MaskRCNNConfig)]
+        for key in o.maskrcnn:
+            if key not in fields:
+                raise ConfigError(f"instance_segmentation.maskrcnn.{key}: unknown hyper-parameter"
+                                  f"{did_you_mean(key, fields)}")
+        values = {"detection_score": o.score_threshold, "detection_nms_iou": o.nms_iou,
+                  "max_detections": o.max_detections, **o.maskrcnn}
+        try:
+            return MaskRCNNConfig.from_dict(values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"instance_segmentation.maskrcnn: {e}") from None
+
+    # ---- data -------------------------------------------------------------------------------
+    def _instances(self):
+        if not hasattr(self, "_by_path"):
+            self._by_path, self._class_names = instance_sources.image_instances(self.cfg.data)
+        return self._by_path
+
+    def class_names(self, frame, cfg):
+        self._instances()
+        return self._class_names
+
+    def targets(self, frame, class_names):
+        return np.zeros((len(frame), 1), np.float32), None  # the instances are the targets
+
+    def tiers(self, targets, class_tier):
+        return np.zeros(len(targets), np.int32)
+
+    def element_columns(self, frame):
+        from tfvision.data.instances import instance_columns
+
+        by_path = self._instances()
+        return instance_columns([by_path[p] for p in frame["path"]])
+
+    def decode_targets(self, element, window, size):
+        from tfvision.data.instances import decode_instances
+
+        return decode_instances(element, window, size, self.cfg.task_options.max_instances)
+
+    def format_batch(self, batch):
+        from tfvision.data.instances import instance_targets
+
+        return batch["image"], instance_targets(batch["mask"], batch["instance_classes"])
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self, cfg, num_classes, norm):
+        from tfvision.models.maskrcnn.model import MaskRCNN
+
+        return MaskRCNN(num_classes, cfg.data.size, backbone=cfg.model.backbone, channels=cfg.data.channels,
+                        weights=cfg.model.weights, config=self.model_config(cfg), seed=cfg.seed, name="maskrcnn")
+
+    def compile_args(self, cfg, inputs, model):
+        return {}  # MaskRCNN.train_step computes and tracks its own losses
+
+    # ---- scores -----------------------------------------------------------------------------
+    def detections(self, found, b: int, image_size):
+        """One image's detections as NumPy, pasted on the image, overlaps removed: (masks [D, H, W] bool,
+        classes, scores, boxes)."""
+        from tfvision.instance_metrics import remove_overlaps
+        from tfvision.models.maskrcnn.detect import paste_masks
+
+        o = self.cfg.task_options
+        count = int(found["num_detections"][b])
+        probs = np.asarray(paste_masks(found["masks"][b:b + 1, :count], found["boxes"][b:b + 1, :count],
+                                       image_size))[0]
+        scores = np.asarray(found["scores"][b, :count])
+        masks, kept = remove_overlaps(probs > o.mask_threshold, scores, o.min_area)
+        return (masks, np.asarray(found["classes"][b, :count])[kept], scores[kept],
+                np.asarray(found["boxes"][b, :count])[kept])
+
+    def score(self, model, dataset, inputs, split):
+        """COCO AP and the Kaggle IoU sweep over the split, at the model's input size."""
+        import tensorflow as tf
+
+        from tfvision.instance_metrics import coco_ap, kaggle_iou_sweep
+
+        detect = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        gt_masks, gt_classes, predicted = [], [], []
+        for images, targets in dataset:
+            found = {k: v.numpy() for k, v in detect(images).items()}
+            for b in range(len(images)):
+                present = targets["classes"][b].numpy() >= 0
+                gt_masks.append(targets["masks"][b].numpy()[present] > 0)
+                gt_classes.append(targets["classes"][b].numpy()[present])
+                predicted.append(self.detections(found, b, images.shape[1:3]))
+        ap = coco_ap(gt_masks, gt_classes, *(list(p) for p in zip(*predicted, strict=True)),
+                     max_detections=self.cfg.task_options.max_detections)
+        ap = {k.lower(): (None if np.isnan(v) else float(v)) for k, v in ap.items()}
+        return {**ap, "iou_sweep": kaggle_iou_sweep(gt_masks, [p[0] for p in predicted],
+                                                    [p[2] for p in predicted])}
+
+    def report_lines(self, metrics, class_names):
+        rows = ["| | AP | AP50 | AP75 |", "|---|---|---|---|"] + [
+            f"| {kind} | {_fmt(metrics[f'{kind}_ap'])} | {_fmt(metrics[f'{kind}_ap50'])} | "
+            f"{_fmt(metrics[f'{kind}_ap75'])} |" for kind in ("segm", "bbox")]
+        return [f"Kaggle IoU-sweep score {_fmt(metrics['iou_sweep'])} (mean over images of TP/(TP+FP+FN) over "
+                "IoU 0.5:0.05:0.95), COCO AP below (pycocotools), at the model's input size, predictions' "
+                "overlaps removed in score order.", "", *rows]
+
+    def headline(self, metrics):
+        return (f"segm_ap={_fmt(metrics['segm_ap'])} segm_ap50={_fmt(metrics['segm_ap50'])} "
+                f"iou_sweep={_fmt(metrics['iou_sweep'])}")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
