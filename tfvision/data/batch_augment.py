@@ -132,8 +132,28 @@ def install(model, spec, format_batch=None, phase: int = 0) -> None:
     Wraps the class's own `train_step` (never an earlier wrapper, so a phase re-installs
     cleanly), seeded by the compiled optimizer's step counter. Functional models and
     models with their own step (Mask R-CNN) alike: only the batch changes.
+
+    Args:
+        model: a compiled Keras model.
+        spec: the phase's `PipelineSpec` (tiers, MixUp/CutMix, seed).
+        format_batch: the task's batch dict -> ``(x, y[, w])`` hook (None: image, target[, weight]).
+        phase: the training phase, so that each phase draws its own streams.
     """
     dtype = model.inputs[0].dtype if getattr(model, "inputs", None) else "float32"
+    augment = BatchAugment.from_spec(spec, phase, dtype)
+    fmt = format_batch or default_format
     base = type(model).train_step.__get__(model)
-    model.train_step = batch_augmented(base, BatchAugment.from_spec(spec, phase, dtype), format_batch,
-                                       lambda: model.optimizer.iterations)
+    model.train_step = batch_augmented(base, augment, fmt, lambda: model.optimizer.iterations)
+    build = type(model)._symbolic_build.__get__(model)
+
+    def symbolic_build(iterator=None, data_batch=None):
+        # Keras 3.15 builds metrics and losses from a first batch (or, distributed, from the
+        # dataset's element spec: distribute.Runtime.adapt), read as (x, y, w): the raw batch
+        # dict would be taken for x alone. Build from the formatted batch the step will see.
+        if isinstance(data_batch, dict) and "tier" in data_batch:
+            specs = tf.nest.map_structure(lambda v: tf.TensorSpec(v.shape, v.dtype), data_batch)
+            traced = tf.function(lambda b: fmt(augment(b, tf.zeros([2], tf.int32))))
+            data_batch = traced.get_concrete_function(specs).structured_outputs
+        return build(iterator=iterator, data_batch=data_batch)
+
+    model._symbolic_build = symbolic_build

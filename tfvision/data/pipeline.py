@@ -60,11 +60,17 @@ class PipelineSpec:
     cutmix_alpha: float = 0.0
     mix_p: float = 0.0
     albumentations: dict | None = None
+    placement: str = "host"  # "accelerator": training yields uint8 batch dicts for batch_augment.install
     shuffle_buffer: int = 2048
     deterministic: bool = False
     cache: bool = False
     seed: int = 0
     checked: bool = False  # every file was decoded once already: the check pass, or conversion to shards
+
+    @property
+    def augment_on_device(self) -> bool:
+        """Training batches are augmented in the train step (`batch_augment`), not here."""
+        return self.augment and self.albumentations is None and self.placement == "accelerator"
 
     @classmethod
     def from_config(cls, cfg: Config, image_size=None) -> PipelineSpec:
@@ -74,7 +80,7 @@ class PipelineSpec:
             image_size=tuple(image_size or cfg.data.size), channels=cfg.data.channels,
             batch_size=cfg.train.batch_size, tiers=tiers, augment=a.enabled,
             mixup_alpha=a.mix.mixup_alpha, cutmix_alpha=a.mix.cutmix_alpha, mix_p=a.mix.p,
-            albumentations=a.albumentations, shuffle_buffer=cfg.data.shuffle_buffer,
+            albumentations=a.albumentations, placement=a.placement, shuffle_buffer=cfg.data.shuffle_buffer,
             deterministic=cfg.data.deterministic, cache=cfg.data.cache, seed=cfg.seed,
             checked=cfg.data.check_files or cfg.data.source == "tfrecord",
         )
@@ -157,7 +163,9 @@ def from_elements(
     and optionally ``known``, ``weight``, and ``mask_path``/``mask_bytes`` (an
     integer label PNG, cropped and resized with the image, nearest-neighbour).
     Loose files and TFRecord shards both end here, so they get the same
-    decode and augmentation graph.
+    decode and augmentation graph. With ``spec.placement == "accelerator"``,
+    training batches stay unaugmented, unformatted dicts with uint8 images, for
+    the train step that `batch_augment.install` sets up.
 
     ``decode_targets(element, window, size)``, a task hook, turns the task's own
     columns into tensors that move with the image: it returns the element with a
@@ -167,7 +175,10 @@ def from_elements(
     """
     table = aug.param_table(spec.tiers)
     do_aug = training and spec.augment
-    native = do_aug and spec.albumentations is None
+    crop = do_aug and spec.albumentations is None  # the crop window is part of decoding: always here
+    # Placement "accelerator": the rest runs on whole batches in the train step (data/batch_augment.py).
+    on_device = training and spec.augment_on_device
+    native = crop and not on_device
     plan = aug.Plan.from_tiers(spec.tiers)
     size = tuple(spec.image_size)
 
@@ -175,7 +186,7 @@ def from_elements(
         if "bytes" not in s:
             s = _read_files(s)
         params = tf.gather(table, s["tier"])
-        window = crop_window(s["bytes"], params, seed) if native else None
+        window = crop_window(s["bytes"], params, seed) if crop else None
         image = decode_resized(s["bytes"], spec.channels, size, window)
         out = {k: v for k, v in s.items() if k not in ("bytes", "mask_bytes")}
         out.update(image=image, params=params)
@@ -189,6 +200,9 @@ def from_elements(
             out["image"].set_shape(size + (spec.channels,))
             if "mask" in out:
                 out["mask"].set_shape(size + (mask_channels,))
+        if on_device:  # a quarter of the bytes to the device; each sample's tier row is gathered there
+            out["image"] = tf.saturate_cast(tf.round(out["image"]), tf.uint8)
+            del out["params"]
         return out
 
     if training:
@@ -221,13 +235,15 @@ def from_elements(
     else:
         ds = ds.batch(spec.batch_size, drop_remainder=drop, num_parallel_calls=AUTOTUNE,
                       deterministic=spec.deterministic or not training)
-    if training:
+    # On the device, batches are seeded per step and replica; a [2] seed here would be split among replicas.
+    if training and not on_device:
         ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed + 1))
         ds = ds.map(lambda b, s: {**b, "seed": s}, num_parallel_calls=AUTOTUNE)
         if do_aug and spec.mix_p > 0:
             ds = ds.map(lambda b: mix_batch(b, spec.mixup_alpha, spec.cutmix_alpha, spec.mix_p),
                         num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
-    ds = ds.map(format_batch or default_format, num_parallel_calls=AUTOTUNE)
+    if not on_device:  # else the train step formats the augmented batch dict
+        ds = ds.map(format_batch or default_format, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = spec.deterministic or not training
     options.experimental_distribute.auto_shard_policy = shard_policy
