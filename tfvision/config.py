@@ -315,7 +315,8 @@ class EarlyStoppingConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     epochs: int | None = opt(None, min=1, help="default 10, or the sum of the phases' epochs")
-    batch_size: int = opt(32, min=1)
+    batch_size: int = opt(32, min=1, help="per replica (device); the global batch is this x replicas, and "
+                          "every learning rate is multiplied by the replica count (linear scaling rule)")
     steps_per_epoch: int | None = opt(None, min=1, help="cap steps per epoch (smoke runs)")
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     schedule: ScheduleConfig = opt(factory=ScheduleConfig)
@@ -324,7 +325,11 @@ class TrainConfig:
     monitor: str = opt("val_loss", help="metric for best checkpoint and early stopping")
     early_stopping: EarlyStoppingConfig = opt(factory=EarlyStoppingConfig)
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = opt("float32")
-    strategy: Literal["default", "mirrored"] = opt("default")
+    strategy: Literal["default", "mirrored", "multi_worker", "tpu"] = opt(
+        "default", help="default: one device; mirrored: this machine's GPUs (or CPUs); multi_worker: "
+        "the machines in TF_CONFIG; tpu: the local TPU (mixed_bfloat16, no host-side Python in the input)")
+    steps_per_execution: int | None = opt(None, min=1, help="batches per device call; default 32 with "
+                                          "strategy tpu, else 1")
     tensorboard: bool = opt(True)
 
 

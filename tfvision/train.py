@@ -65,11 +65,22 @@ def _command(args) -> int:
 
 def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
     """Run (or resume) training for a validated config into `run_dir`."""
-    from tfvision.data import builtin
+    from tfvision import distribute
     from tfvision.fileio import check_output_outside
 
     # The task's rules were checked by the config loader, before anything is written.
     check_output_outside(run_dir, [cfg.data.root], "--output-dir")
+    # Before TensorFlow runs any op: MultiWorkerMirroredStrategy sets up its collectives at
+    # program start. A data check alone needs no strategy (nor the other workers).
+    runtime = None if check_only else distribute.setup(cfg)
+    # Only the chief writes `run_dir`; another worker writes a temporary copy (tfvision.distribute).
+    with distribute.write_folder(runtime, run_dir) as folder:
+        return _train_in(cfg, folder, check_only, verbose)
+
+
+def _train_in(cfg, run_dir: Path, check_only: bool, verbose: int) -> int:
+    from tfvision.data import builtin
+
     if cfg.data.prepare and cfg.data.source != "tfrecord":
         builtin.prepare(cfg.data.prepare, cfg.data.root)
     # Data decisions are all made before training starts (tfvision.training).

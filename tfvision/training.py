@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfvision import __version__
+from tfvision import __version__, distribute
 from tfvision.callbacks import (
     AtomicCheckpoint,
     LearningRateLogger,
@@ -25,7 +25,7 @@ from tfvision.callbacks import (
 )
 from tfvision.config import Config, default_phases
 from tfvision.data.inputs import FileInputs, check_data
-from tfvision.data.pipeline import PipelineSpec, steps_for
+from tfvision.data.pipeline import PipelineSpec
 from tfvision.data.tfrecord import RecordInputs
 from tfvision.errors import ConfigError
 from tfvision.fileio import write_json
@@ -42,17 +42,11 @@ log = logging.getLogger("tfvision.train")
 # --------------------------------------------------------------------------- runtime
 
 
-def setup_runtime(cfg: Config):
+def setup_runtime(cfg: Config) -> distribute.Runtime:
     keras.utils.set_random_seed(cfg.seed)
     if cfg.data.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(cfg.train.mixed_precision)
-    if cfg.train.strategy == "mirrored":
-        # MirroredStrategy() alone falls back to one CPU when there is no GPU; list
-        # the logical CPUs explicitly so multi-device CPU runs (and tests) mirror too.
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
-    return tf.distribute.get_strategy()
+    return distribute.setup(cfg)  # the strategy and the mixed-precision policy
 
 
 def _callbacks(cfg: Config, run_dir: Path, phase: int, lr_groups: dict):
@@ -94,7 +88,8 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
                  report["n_samples"] + report["n_rejected"], report["n_rejected"], run_dir / "data_report.json")
         return 0
 
-    strategy = setup_runtime(cfg)
+    runtime = setup_runtime(cfg)
+    strategy = runtime.strategy
     inputs = records or FileInputs(cfg, task, frame)
     class_names = inputs.class_names
     spec = PipelineSpec.from_config(cfg)
@@ -106,7 +101,7 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         "normalization": {"mean": list(norm.mean), "std": list(norm.std), "bgr": norm.bgr},
         "class_weights": None if inputs.weights is None else inputs.weights.tolist(),
         "class_tiers": None if inputs.tiers is None else inputs.tiers.tolist(),
-        "replicas": strategy.num_replicas_in_sync, "mixed_precision": cfg.train.mixed_precision,
+        "replicas": strategy.num_replicas_in_sync, "mixed_precision": runtime.policy,
         "oversampling": inputs.oversampling,
         "medical": ({"windows": cfg.data.windows, "slice_axis": cfg.data.slice_axis}
                     if cfg.data.source == "volumes" else None),
@@ -128,15 +123,9 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         size = phase.image_size or cfg.data.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         pspec = PipelineSpec.from_config(cfg, image_size=size)
-        # Always repeat and give steps_per_epoch: the dataset's cardinality is unknown
-        # (ignore_errors), and Keras would otherwise find each epoch's end by running dry.
-        train_ds = inputs.dataset("train", pspec, training=True, repeat=True, format_batch=task.format_batch)
-        val_ds = inputs.dataset("val", pspec, training=False, format_batch=task.format_batch)
-        # Known length: without it Keras discovers the end of the (ignore_errors, so
-        # unknown-cardinality) validation set by running dry, and warns about it.
-        val_steps = steps_for(inputs.sizes["val"], pspec.batch_size, False)
-        steps = cfg.train.steps_per_epoch or steps_for(inputs.sizes["train"], pspec.batch_size, True)
-        lr = phase.lr if phase.lr is not None else cfg.train.optimizer.lr
+        train_ds, val_ds, steps, val_steps = runtime.fit_data(inputs, pspec, task.format_batch,
+                                                              cfg.train.steps_per_epoch)
+        lr = runtime.scale_lr(phase.lr if phase.lr is not None else cfg.train.optimizer.lr)
         if backbone is None and phase.trainable != "all":
             raise ConfigError(f"train.phases[{i}].trainable: {cfg.model.backbone!r} has no pretrained "
                               "backbone to freeze; use 'all'")
@@ -147,13 +136,16 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
             mult = cfg.train.optimizer.backbone_lr_mult if phase.trainable != "head" else 1.0
             backbone_vars = backbone.trainable_variables if backbone is not None else []
             optimizer = build_optimizer(cfg.train.optimizer, schedule, backbone_vars, mult)
-            model.compile(optimizer=optimizer, jit_compile=False, **task.compile_args(cfg, inputs, model))
+            model.compile(optimizer=optimizer, jit_compile=False,
+                          steps_per_execution=runtime.execution_steps(steps),
+                          **task.compile_args(cfg, inputs, model))
         # The backbone's own rate gets a column in every phase of a run that gives it one.
         lr_groups = ({"lr_backbone": backbone_vars}
                      if backbone is not None and cfg.train.optimizer.backbone_lr_mult != 1.0 else {})
         log.info("phase %d/%d: epochs %d-%d, trainable=%s, lr=%g, size=%s, %d trainable weights",
                  i + 1, len(phases), start_epoch + 1, end_epoch, phase.trainable, lr, size,
                  len(model.trainable_weights))
+        runtime.adapt(model)
         model._initial_epoch = None  # BackupAndRestore leaves this set from an earlier phase
         history = model.fit(
             train_ds, validation_data=val_ds, epochs=end_epoch, initial_epoch=start_epoch,
@@ -166,7 +158,8 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         mark_phase_done(run_dir, i + 1)
         start_epoch = end_epoch
 
-    finish(cfg, run_dir, task, model, inputs)
+    if runtime.is_chief:  # the other workers' run folders are temporary
+        finish(cfg, run_dir, task, model, inputs)
     return 0
 
 
