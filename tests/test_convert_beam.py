@@ -115,7 +115,8 @@ def test_cli_flags_parse_and_help_lists_them(capsys):
     assert parse_args(["--config", "c.json", "--output", "o"]).runner is None  # the local converter
     assert RUNNERS == ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")
     for bad in (["--runner", "NoSuchRunner"], ["--beam-option", "a=1"],
-                ["--runner", "DirectRunner", "--beam-option", "no_value"],
+                ["--runner", "DirectRunner", "--beam-option", "--streaming"],
+                ["--runner", "DirectRunner", "--beam-option", "=1"],
                 ["--runner", "DataflowRunner", "--workers", "4"]):
         with pytest.raises(SystemExit) as e:
             parse_args(["--config", "c.json", "--output", "o", *bad])
@@ -139,5 +140,12 @@ def test_beam_options_reach_the_pipeline_and_a_misspelt_one_is_refused():
     direct = pipeline_options("DirectRunner", ["direct_running_mode=multi_threading"], workers=2).view_as(
         DirectOptions)
     assert direct.direct_running_mode == "multi_threading"  # --beam-option wins over --workers
-    with pytest.raises(ConfigError, match="direct_num_worker"):
+    with pytest.raises(ConfigError, match="'direct_num_worker' is not a Beam pipeline option"):
         pipeline_options("DirectRunner", ["direct_num_worker=2"])
+    with pytest.raises(ConfigError, match="save_main_session"):  # a switch given a value
+        pipeline_options("DirectRunner", ["save_main_session=true"])
+    # Runner options reach Beam, a switch alone and a repeatable option (extra_package) too.
+    opts = pipeline_options("FlinkRunner", ["flink_master=localhost:8081", "parallelism=4", "save_main_session",
+                                            "extra_package=a.whl"]).get_all_options()
+    assert (opts["flink_master"], opts["parallelism"], opts["save_main_session"], opts["extra_packages"]) == (
+        "localhost:8081", 4, True, ["a.whl"])

@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="convert as an Apache Beam pipeline on this runner (pip install 'tfvision[beam]'); "
                         "default: the local converter")
     p.add_argument("--beam-option", dest="beam_options", action="extend", nargs="+", default=[],
-                   metavar="KEY=VALUE", help="a Beam pipeline option for --runner, e.g. project=P, "
-                   "region=R, temp_location=gs://B/tmp, flink_master=HOST:PORT; repeatable")
+                   metavar="KEY=VALUE", help="a Beam pipeline option for --runner, e.g. flink_master=HOST:PORT, "
+                   "parallelism=N, spark_master_url=URL, project=P; KEY alone for a switch; repeatable")
     p.add_argument("--shard-mb", type=float, default=100.0, help="target shard size in MB (default 100)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier conversion in --output first")
     p.add_argument("--gzip", action="store_true", help="GZIP-compress shards (.tfrecord.gz); "
@@ -80,8 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--workers must be >= 0 and --shard-mb > 0")
     if args.beam_options and not args.runner:
         p.error("--beam-option needs --runner")
-    if bad := [o for o in args.beam_options if "=" not in o or o.startswith(("-", "="))]:
-        p.error(f"--beam-option: {bad[0]!r} is not KEY=VALUE")
+    if bad := [o for o in args.beam_options if not o or o.startswith(("-", "="))]:
+        p.error(f"--beam-option: {bad[0]!r} is not KEY=VALUE or KEY (without the leading --)")
     if args.runner not in (None, "DirectRunner") and args.workers:
         p.error(f"--workers: {args.runner} sizes its own workers; give them with --beam-option "
                 f"(e.g. max_num_workers=N on Dataflow)")

@@ -82,23 +82,36 @@ class WriteShard(beam.DoFn):
 
 
 def pipeline_options(runner: str, options=(), workers: int = 0):
-    """Beam's PipelineOptions from ``--runner``, ``--workers`` and ``--beam-option KEY=VALUE``s.
+    """Beam's PipelineOptions from ``--runner``, ``--workers`` and the ``--beam-option``s
+    (``KEY=VALUE``, or ``KEY`` for a switch such as ``save_main_session``).
 
     Raises:
-        ConfigError: an option no Beam component knows (Beam itself only logs and drops it).
+        ConfigError: an option no Beam component knows (Beam itself only logs and drops it),
+            or a value Beam's parser refuses.
     """
+    import contextlib
+    import io
+
     from apache_beam.options.pipeline_options import PipelineOptions
 
     flags = [f"--runner={runner}"]
     if runner == "DirectRunner" and workers:
         # One process per worker, each with its own TensorFlow: decoding scales with cores
         # (the in-memory default runs every bundle in this process).
-        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
-    flags += [f"--{o}" for o in options]  # last wins, so --beam-option overrides the two above
+        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
+                  # Worker processes log each gRPC channel's life at INFO on this terminal.
+                  "--default_sdk_harness_log_level=WARNING"]
+    flags += [f"--{o}" for o in options]  # last wins, so --beam-option overrides the ones above
     opts = PipelineOptions(flags)
-    known = opts.get_all_options(retain_unknown_options=False)
-    unknown = [o for o in options if o.split("=", 1)[0] not in known]
-    if unknown:
+    usage = io.StringIO()
+    try:  # Beam parses lazily, and argparse prints its whole usage before exiting on a bad value
+        with contextlib.redirect_stderr(usage):
+            known = opts.get_all_options(retain_unknown_options=False)
+            given = opts.get_all_options(retain_unknown_options=True)
+    except SystemExit:
+        raise ConfigError(f"--beam-option: {usage.getvalue().strip().splitlines()[-1].split('error: ')[-1]}"
+                          ) from None
+    if unknown := sorted(set(given) - set(known)):
         raise ConfigError(f"--beam-option: {unknown[0]!r} is not a Beam pipeline option")
     return opts
 
@@ -142,5 +155,7 @@ def convert_beam(cfg: Config, output, *, runner: str = "DirectRunner", options=(
                  | "WriteShard" >> beam.ParDo(WriteShard(str(conv.out), gzip, num_classes)))
     for name, _ in todo:
         done[name] = read_json(conv.out / shard_state(name))
+    # Once, at the end: a runner reports nothing back while it runs (the local converter stops
+    # at the first shard that passes data.max_bad_fraction). The shards stay for a rerun.
     conv.check_rejected(done)
     return conv.write_manifest(done)
