@@ -225,6 +225,18 @@ class AugmentConfig:
     albumentations: dict | None = opt(
         None, help="an A.to_dict() pipeline run per image instead of the native ops (slower)"
     )
+    placement: Literal["host", "accelerator"] = opt(
+        "host", help="where flips, affine, colour, noise, blur, erasing, elastic and MixUp/CutMix run: in "
+        "tf.data per image (host), or on whole batches in the train step on the model's device (accelerator; "
+        "for few host cores). Crop, decode and resize stay on the host either way")
+
+    def __post_init__(self):
+        if self.placement == "accelerator" and self.albumentations is not None:
+            # The bridge runs NumPy per image through tf.numpy_function: it cannot run on an
+            # accelerator, in a traced train step, nor on a TPU at all.
+            raise ConfigError("augment.placement: 'accelerator' runs the native ops in the train step; "
+                              "augment.albumentations runs per image in Python on the host, so it needs "
+                              "placement 'host'")
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ from tfvision.callbacks import (
     save_weights,
 )
 from tfvision.config import Config, default_phases
+from tfvision.data import batch_augment
 from tfvision.data.inputs import FileInputs, check_data
 from tfvision.data.pipeline import PipelineSpec
 from tfvision.data.tfrecord import RecordInputs
@@ -139,6 +140,8 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
             model.compile(optimizer=optimizer, jit_compile=False,
                           steps_per_execution=runtime.execution_steps(steps),
                           **task.compile_args(cfg, inputs, model))
+            if pspec.augment_on_device:  # augment.placement "accelerator": batches augmented in the step
+                batch_augment.install(model, pspec, task.format_batch, phase=i)
         # The backbone's own rate gets a column in every phase of a run that gives it one.
         lr_groups = ({"lr_backbone": backbone_vars}
                      if backbone is not None and cfg.train.optimizer.backbone_lr_mult != 1.0 else {})
