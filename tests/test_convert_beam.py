@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import checksums
-from tests.test_tfrecord import SHARD_MB, write_config
+from tests.test_tfrecord import SHARD_MB, seg_config, seg_folder, write_config
 from tfvision.config_loader import load_config
 from tfvision.convert import RUNNERS, convert, main, parse_args
 from tfvision.errors import ConfigError
@@ -68,6 +68,22 @@ def test_direct_runner_on_two_processes_writes_the_local_converters_records_and_
     assert main(["--verify", str(tmp_path / "beam"), "--quiet"]) == 0
     assert "shards OK" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "beam").iterdir() if p.name.startswith(".")) == []
+
+
+def test_segmentation_masks_get_the_same_checks_reasons_and_pixel_counts(tmp_path):
+    pytest.importorskip("apache_beam")
+    from tfvision.data.beam import convert_beam
+
+    root = seg_folder(tmp_path / "data", bad=True)  # a mask of the wrong size, a JPEG mask
+    cfg = load_config(seg_config(root, tmp_path))
+    before = checksums(root)
+    local = convert(cfg, tmp_path / "local", shard_mb=0.01, progress=False)
+    beam = convert_beam(cfg, tmp_path / "beam", shard_mb=0.01)  # in-process DirectRunner
+    assert checksums(root) == before
+    assert {k: v for k, v in beam.items() if k != "created"} == {k: v for k, v in local.items() if k != "created"}
+    assert {Path(r["path"]).name for r in beam["rejected"]} == {"3.jpg", "5.jpg"}
+    assert beam["class_counts_unit"] == "pixels" and sum(beam["class_counts"]["train"].values()) > 0
+    assert serialized_records(tmp_path / "beam") == serialized_records(tmp_path / "local")
 
 
 def test_an_interrupted_beam_run_keeps_its_finished_shards(small_digits, tmp_path):
