@@ -281,31 +281,33 @@ def sartorius(base: Path, n_images: int = 24, size: tuple[int, int] = (64, 96)) 
     return Layout(root, root / "test")
 
 
-def coco_instances(base: Path, n_images: int = 24, size: tuple[int, int] = (64, 64)) -> Layout:
-    """A COCO-JSON dataset: ``annotations/instances.json`` (compressed RLE segmentations with
-    ``area``, ``bbox``, ``iscrowd``; the reader's polygon path is tested in test_instance_data) and ``images/<file_name>.jpg``; ``unlabelled/`` holds
-    images for predict."""
+def coco_instances(base: Path, n_train: int = 20, n_val: int = 6, size: tuple[int, int] = (64, 64)) -> Layout:
+    """COCO 2017's layout: ``annotations/instances_{train,val}2017.json`` (compressed RLE segmentations
+    with ``area``, ``bbox``, ``iscrowd``; the reader's polygon path is tested in test_instance_data)
+    and ``train2017/``, ``val2017/`` images named by id; ``test2017/`` holds unlabelled images."""
     from tfvision.data import rle
 
-    root = base / "coco_shapes"
-    for d in ("images", "annotations", "unlabelled"):
+    root = base / "coco"
+    for d in ("train2017", "val2017", "test2017", "annotations"):
         (root / d).mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(n_images + 3):
-        image, masks, classes = shapes_image(100 + i, size)
-        name = f"{i:012d}.jpg"
-        if i >= n_images:
-            (root / "unlabelled" / name).write_bytes(jpeg_bytes(image))
-            continue
-        (root / "images" / name).write_bytes(jpeg_bytes(image))
-        images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
-        for mask, k in zip(masks, classes, strict=True):
-            encoded = rle.to_coco(mask)
-            ys, xs = np.nonzero(mask)
-            bbox = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(k) + 1,
-                                "segmentation": encoded, "area": int(mask.sum()), "bbox": bbox, "iscrowd": 0})
     categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(SHAPE_CLASSES)]
-    (root / "annotations" / "instances.json").write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return Layout(root, root / "unlabelled")
+    counts, n, annotation_id = {"train2017": n_train, "val2017": n_val, "test2017": 3}, 0, 0
+    for split, count in counts.items():
+        images, annotations = [], []
+        for _ in range(count):
+            n += 1
+            image, masks, classes = shapes_image(100 + n, size)
+            name = f"{n:012d}.jpg"
+            (root / split / name).write_bytes(jpeg_bytes(image))
+            images.append({"id": n, "file_name": name, "height": size[0], "width": size[1]})
+            for mask, k in zip(masks, classes, strict=True):
+                annotation_id += 1
+                ys, xs = np.nonzero(mask)
+                box = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+                annotations.append({"id": annotation_id, "image_id": n, "category_id": int(k) + 1,
+                                    "segmentation": rle.to_coco(mask), "area": int(mask.sum()), "bbox": box,
+                                    "iscrowd": 0})
+        if split != "test2017":
+            (root / "annotations" / f"instances_{split}.json").write_text(
+                json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return Layout(root, root / "test2017")

@@ -51,6 +51,11 @@ def _nsclc(base):
 # encoder it down-samples 3 times, hence three decoder blocks (the shipped list's last three).
 SMALL = {"data.image_size": 64, "train.batch_size": 16, "model.backbone": "small_cnn", "model.weights": None}
 
+# Mask R-CNN at a CPU-test size: every number at or below Model Garden's defaults (checked below).
+TINY_MASKRCNN = {"max_level": 4, "fpn_filters": 16, "box_fc_dims": 32, "mask_filters": 16, "mask_convs": 2,
+                 "rpn_samples": 64, "roi_samples": 32, "max_mask_rois": 8, "rpn_pre_nms_top_k_train": 200,
+                 "rpn_post_nms_top_k_train": 100, "rpn_pre_nms_top_k_test": 200, "rpn_post_nms_top_k_test": 100}
+
 CASES = {  # config file -> (layout builder, overrides besides data.root and one epoch per phase)
     "demo.json": (layouts.sklearn_digits, {}),  # already small_cnn at 32 px
     "ham10000.json": (layouts.ham10000, SMALL),
@@ -58,12 +63,17 @@ CASES = {  # config file -> (layout builder, overrides besides data.root and one
     "chexpert.json": (_chexpert, SMALL),
     "nsclc_radiomics_unet.json": (_nsclc, {**SMALL, "model.unet.decoder_filters": [64, 32, 16]}),
     "aptos_regression.json": (layouts.aptos, SMALL),
+    "sartorius_maskrcnn.json": (layouts.sartorius, {**SMALL, "data.image_size": [64, 64], "train.batch_size": 2,
+                                                    "instance_segmentation.maskrcnn": TINY_MASKRCNN}),
+    "coco_instances.json": (layouts.coco_instances, {**SMALL, "data.image_size": [64, 64], "train.batch_size": 4,
+                                                     "instance_segmentation.maskrcnn": TINY_MASKRCNN}),
 }
 
 # The only keys a case may --set. Anything else could switch a feature off and hide its crash.
 ALLOWED_OVERRIDES = {
     "data.root", "train.phases", "data.image_size", "train.batch_size", "model.backbone", "model.weights",
     "model.unet.decoder_filters", "data.split.val_fraction", "data.split.test_fraction",
+    "instance_segmentation.maskrcnn",
 }
 
 METRICS = {  # metrics.json keys per task, written by training from the best checkpoint
@@ -71,6 +81,7 @@ METRICS = {  # metrics.json keys per task, written by training from the best che
     "multilabel": {"val_roc_auc", "val_pr_auc", "val_macro_f1", "val_roc_auc_per_class"},
     "segmentation": {"val_dice_macro", "val_dice_per_class", "val_iou_macro", "val_iou_per_class"},
     "regression": {"val_quadratic_kappa", "val_mae", "val_rmse"},
+    "instance_segmentation": {"val_segm_ap", "val_segm_ap50", "val_bbox_ap", "val_iou_sweep"},
 }
 EVAL_METRICS = {  # eval/val/metrics.json keys per task, written by evaluate
     "classification": {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro", "ece", "confusion_matrix",
@@ -78,6 +89,7 @@ EVAL_METRICS = {  # eval/val/metrics.json keys per task, written by evaluate
     "multilabel": {"roc_auc_macro", "pr_auc_macro", "macro_f1", "per_class"},
     "segmentation": {"dice_macro", "dice_per_class", "iou_macro", "iou_per_class"},
     "regression": {"quadratic_kappa", "accuracy", "grade_mae", "mae", "rmse", "confusion_matrix"},
+    "instance_segmentation": {"segm_ap", "segm_ap50", "segm_ap75", "bbox_ap", "iou_sweep"},
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # the layouts' images, listed here independently of tfvision (the oracle)
 
@@ -129,12 +141,17 @@ def test_overrides_only_shrink_the_work(name, tmp_path):
             for new, was in zip(value, old, strict=True):
                 assert {k: v for k, v in new.items() if k != "epochs"} == {k: v for k, v in was.items() if k != "epochs"}
                 assert new["epochs"] <= was["epochs"]
-        elif key in ("data.image_size", "train.batch_size"):
-            assert value <= (old or value)
         elif key == "model.weights":
             assert value is None
         elif key == "model.backbone":
             assert value == "small_cnn"
+        elif key == "instance_segmentation.maskrcnn":  # narrower and fewer than the defaults, nothing else
+            from tfvision.models.maskrcnn.config import MaskRCNNConfig
+
+            defaults = MaskRCNNConfig()
+            assert all(v <= getattr(defaults, k) for k, v in value.items()), value
+        elif key in ("data.image_size", "train.batch_size"):
+            assert np.all(np.asarray(value) <= np.asarray(old or value))
         elif key == "model.unet.decoder_filters":
             assert len(value) <= len(old) and all(a <= b for a, b in zip(value, old[-len(value):], strict=True))
         # data.root and the split fractions (which tiny data may need larger) have no direction.
@@ -263,6 +280,19 @@ def test_predict(trained):
     out = run.base / "predictions.csv"
     run.cli("-m", "tfvision.predict", "--run", str(run.dir), "--input-dir", str(source), "--output", str(out))
     images = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if run.config["task"] == "instance_segmentation":  # one row per instance, or one empty row per image
+        submission = run.base / "submission.csv"
+        run.cli("-m", "tfvision.predict", "--run", str(run.dir), "--input-dir", str(source), "--output",
+                str(submission), "--format", "kaggle-instances", "--coco-json", str(run.base / "results.json"))
+        frame = pd.read_csv(out, keep_default_na=False, dtype=str)
+        assert sorted(set(frame["path"])) == images and (frame["error"] == "").all()
+        kaggle = pd.read_csv(submission, keep_default_na=False, dtype=str)
+        assert kaggle.columns.tolist() == frame.columns[:2].tolist()
+        assert len(kaggle) == len(frame)
+        results = json.loads((run.base / "results.json").read_text())
+        assert len(results) == int((frame.iloc[:, 1] != "").sum())
+        assert all(1 <= r["category_id"] <= len(names) and 0 <= r["score"] <= 1 for r in results)
+        return
     frame = pd.read_csv(out, keep_default_na=False, dtype={"path": str, "pred": str, "error": str})
     assert sorted(frame["path"]) == images  # one row per input image
     assert (frame["error"] == "").all()
@@ -282,6 +312,13 @@ def test_predict(trained):
 
 def test_export(trained):
     run = _ok(trained)
+    from tfvision.tasks import get_task
+
+    refusal = get_task(run.config["task"]).export_refusal
+    if refusal:  # said plainly, before anything is written
+        out = run_cli("-m", "tfvision.export", "--run", str(run.dir), "--format", "all", "--verify", env=run.env)
+        assert out.returncode == 2 and refusal in out.stderr and not (run.dir / "export").exists()
+        return
     run.cli("-m", "tfvision.export", "--run", str(run.dir), "--format", "all", "--verify")
     report = json.loads((run.dir / "export" / "export_report.json").read_text())
     assert report["verified"] and report["passed"]

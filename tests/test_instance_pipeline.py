@@ -9,7 +9,7 @@ own colour, so a mask that drifted from its image shows up as colour mismatch.
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ def _records(seeds, size=(48, 64)):
     for seed in seeds:
         _, masks, classes = layouts.shapes_image(seed, size)
         record = ImageInstances(f"img{seed}", *size)
-        for mask, k, rle in zip(masks, classes, coco_rles(masks), strict=True):
+        for k, rle in zip(classes, coco_rles(masks), strict=True):
             record.add(int(k), rle)
         records.append(record)
         truth.append((masks, classes))
@@ -181,18 +181,13 @@ def test_sartorius_source_reports_bad_rows_and_keeps_their_images(tmp_path):
 def test_coco_source_uses_the_second_json_as_validation(tmp_path):
     from tfvision.data.sources import load_samples
 
-    layout = layouts.coco_instances(tmp_path, n_images=6)
-    data = json.loads((layout.root / "annotations" / "instances.json").read_text())
-    val = {**data, "images": data["images"][4:],
-           "annotations": [a for a in data["annotations"] if a["image_id"] > 4]}
-    train = {**data, "images": data["images"][:4],
-             "annotations": [a for a in data["annotations"] if a["image_id"] <= 4]}
-    (layout.root / "annotations" / "train.json").write_text(json.dumps(train))
-    (layout.root / "annotations" / "val.json").write_text(json.dumps(val))
-    cfg = config_from_dict(_config(layout.root, source="coco", annotations="annotations/train.json",
-                                   val_annotations="annotations/val.json", image_dirs=["images"]))
+    layout = layouts.coco_instances(tmp_path, n_train=4, n_val=2)
+    cfg = config_from_dict(_config(layout.root, source="coco", annotations="annotations/instances_train2017.json",
+                                   val_annotations="annotations/instances_val2017.json",
+                                   image_dirs=["train2017", "val2017"]))
     frame = load_samples(cfg.data).frame
     assert frame["split"].tolist() == ["train"] * 4 + ["val"] * 2
+    assert [Path(p).parent.name for p in frame["path"]] == ["train2017"] * 4 + ["val2017"] * 2
 
 
 def test_an_image_whose_size_differs_from_its_annotations_is_left_out(tmp_path):
@@ -200,10 +195,10 @@ def test_an_image_whose_size_differs_from_its_annotations_is_left_out(tmp_path):
 
     from tfvision.data.sources import load_samples
 
-    layout = layouts.coco_instances(tmp_path, n_images=3)
-    Image.new("RGB", (32, 32)).save(layout.root / "images" / "000000000001.jpg")
-    cfg = config_from_dict(_config(layout.root, source="coco", annotations="annotations/instances.json",
-                                   image_dirs=["images"]))
+    layout = layouts.coco_instances(tmp_path, n_train=3, n_val=1)
+    Image.new("RGB", (32, 32)).save(layout.root / "train2017" / "000000000001.jpg")
+    cfg = config_from_dict(_config(layout.root, source="coco", annotations="annotations/instances_train2017.json",
+                                   image_dirs=["train2017"]))
     table = load_samples(cfg.data)
     assert len(table.frame) == 2
     (reason,) = [r["reason"] for r in table.missing]
@@ -217,8 +212,8 @@ def test_an_image_whose_size_differs_from_its_annotations_is_left_out(tmp_path):
 def test_config_rules_name_the_key(tmp_path, section, message):
     from tfvision.errors import ConfigError
 
-    layout = layouts.coco_instances(tmp_path, n_images=2)
-    raw = _config(layout.root, source="coco", annotations="annotations/instances.json")
+    layout = layouts.coco_instances(tmp_path, n_train=2, n_val=1)
+    raw = _config(layout.root, source="coco", annotations="annotations/instances_train2017.json")
     raw["instance_segmentation"] = section
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)

@@ -115,6 +115,19 @@ def _segmentation_data(base, digits):
     return layouts.mni_volumes(base, n_patients=3, z=(30, 42))
 
 
+def _instance_data(base, digits):
+    layout = layouts.sartorius(base, n_images=16)
+    folder = base / "to_predict"
+    shutil.copytree(layout.predict_input, folder)
+    (folder / "broken.png").write_bytes(b"this is not an image")
+    return layouts.Layout(layout.root, folder)
+
+
+# A Mask R-CNN at a CPU-test size: P2-P4, narrow heads, few samples (tests/test_maskrcnn_model.py's TINY).
+TINY_MASKRCNN = {"max_level": 4, "fpn_filters": 16, "box_fc_dims": 32, "mask_filters": 16, "mask_convs": 2,
+                 "rpn_samples": 64, "roi_samples": 32, "max_mask_rois": 8, "rpn_pre_nms_top_k_train": 200,
+                 "rpn_post_nms_top_k_train": 100, "rpn_pre_nms_top_k_test": 200, "rpn_post_nms_top_k_test": 100}
+
 CASES: dict[str, Case] = {
     "classification": Case(lambda root: _image_config("classification", root, "digits.csv"), _classification_data),
     "regression": Case(lambda root: _image_config("regression", root, "grades.csv", label_column="grade"),
@@ -131,6 +144,14 @@ CASES: dict[str, Case] = {
                   "unet": {"base_filters": 4, "depth": 2, "upsampling": "bilinear", "norm": "group", "groups": 2}},
         "augment": {"enabled": False},
         "train": {**TRAIN, "batch_size": 8, "steps_per_epoch": 3}}, _segmentation_data),
+    "instance_segmentation": Case(lambda root: {
+        "task": "instance_segmentation", "seed": 0,
+        "data": {"source": "sartorius", "root": str(root), "csv": "train.csv", "label_column": "cell_type",
+                 "image_size": [64, 96], "split": {"method": "random", "val_fraction": 0.25}},
+        "model": {"backbone": "small_cnn", "weights": None},
+        "augment": {"enabled": False},
+        "instance_segmentation": {"max_instances": 6, "max_detections": 10, "maskrcnn": TINY_MASKRCNN},
+        "train": {**TRAIN, "batch_size": 4, "steps_per_epoch": 3}}, _instance_data),
 }
 
 
@@ -234,13 +255,21 @@ def test_task_runs_train_evaluate_predict_export(name, tmp_path, request):
     else:
         _cli("-m", "tfvision.predict", "--run", str(run), "--input-dir", str(layout.predict_input),
              "--output", str(out))
-        decision = json.loads((run / "thresholds.json").read_text()) if scorer is not None else None
-        _check_predictions(task, layout.predict_input, out, names, decision)
+        if task.predict_table is not None:
+            _check_instance_table(layout.predict_input, out, names)
+        else:
+            decision = json.loads((run / "thresholds.json").read_text()) if scorer is not None else None
+            _check_predictions(task, layout.predict_input, out, names, decision)
 
     # ---- export
     exported = tmp_path / "export"
-    _cli("-m", "tfvision.export", "--run", str(run), "--format", "all", "--verify", "--output", str(exported),
-         "--n-images", "8")
+    export = ("-m", "tfvision.export", "--run", str(run), "--format", "all", "--verify", "--output", str(exported),
+              "--n-images", "8")
+    if task.export_refusal:  # refused, clearly and before writing anything
+        r = run_cli(*export, timeout=600)
+        assert r.returncode == 2 and task.export_refusal in r.stderr and not exported.exists(), r.stderr[-2000:]
+        return
+    _cli(*export)
     report = _load(exported / "export_report.json")
     assert report["verified"] and report["images"], report
     failed = [e for e in report["exports"] if not e["passed"]]
@@ -297,6 +326,24 @@ def _check_predictions(task, folder: Path, out: Path, names: list[str], decision
     assert readable["pred"].tolist() == expected
     if task.label_layout != "multi_hot":  # a multi-hot answer may rightly be empty: no label over its threshold
         assert (readable["pred"] != "").all(), readable["pred"].tolist()
+
+
+def _check_instance_table(folder: Path, out: Path, names: list[str]):
+    """One row per detected instance, or one empty row per image without any; masks decode at the
+    image's own size; the broken file has its error."""
+    from PIL import Image
+
+    from tfvision.data import rle
+
+    pred = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(pred.columns[:3]) == ["id", "predicted", "path"], pred.columns.tolist()
+    assert sorted({Path(p).name for p in pred["path"]}) == sorted(p.name for p in folder.iterdir())
+    broken = pred["path"].map(lambda p: Path(p).name == "broken.png").to_numpy()
+    assert (pred["error"][broken] != "").all() and (pred["error"][~broken] == "").all()
+    for _, row in pred[~broken & (pred["predicted"] != "")].iterrows():
+        with Image.open(row["path"]) as im:
+            mask = rle.decode(row["predicted"], (im.height, im.width), order="C")
+        assert mask.any() and row["class"] in names and 0 <= float(row["score"]) <= 1
 
 
 def _check_volume(volume: Path, out: Path, k: int):

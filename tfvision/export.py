@@ -348,7 +348,12 @@ def run(args) -> int:
     formats = list(FORMATS) if args.format == "all" else [args.format]
     if (args.float16 or args.quantize) and formats == ["savedmodel"]:
         raise UserError("--float16 and --quantize apply to onnx and tflite exports")
-    read_run(run_dir)  # fail fast, before TensorFlow loads
+    info = read_run(run_dir)  # fail fast, before TensorFlow loads
+    from tfvision.tasks import get_task
+
+    refusal = get_task(info["task"]).export_refusal
+    if refusal:
+        raise UserError(f"export: {refusal}")
     for folder in (output, output.with_name(output.name + ".failed")):
         claim_dir(folder, REPORT, _refusal(folder))
     if args.images:

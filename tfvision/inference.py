@@ -139,9 +139,11 @@ def load_run(run_dir, checkpoint: str = "best") -> LoadedRun:
     """
     run_dir = Path(run_dir)
     info = read_run(run_dir, checkpoint)
+    task = get_task(info["task"])
     # compile=False: inference only. safe_mode stays on: models hold only registered layers.
-    model = keras.saving.load_model(run_dir / "checkpoints" / f"{checkpoint}.keras", compile=False)
-    return LoadedRun(run_dir, model, info, get_task(info["task"]))
+    model = keras.saving.load_model(run_dir / "checkpoints" / f"{checkpoint}.keras", compile=False,
+                                    custom_objects=task.custom_objects())
+    return LoadedRun(run_dir, model, info, task)
 
 
 class Ensemble:

@@ -13,6 +13,14 @@ CSV layouts (``--format``):
     kaggle-probs  <id>, <class>...         (one probability column per class)
 Kaggle layouts leave unreadable images out (a submission has no error column).
 
+Instance segmentation runs write one row per detected instance, at each image's
+own size, overlaps removed in score order (an image with none: one row with an
+empty mask): ``<id>, <RLE>, path, class, score, x0, y0, x1, y1``, where the id
+and RLE columns and the pixel order are the training layout's submission
+(sartorius ``id, predicted`` row-major; airbus and coco ``ImageId``/``file_name,
+EncodedPixels`` column-major); ``--format kaggle-instances`` keeps those two
+columns only. ``--coco-json`` also writes COCO results.
+
 Exit codes: 0 success (some images may be unreadable), 2 run/usage error or
 nothing readable, 1 otherwise.
 """
@@ -49,7 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN_DIR", help="more runs to average with")
     p.add_argument("--gradcam", metavar="OUT_DIR", help="write a Grad-CAM overlay PNG per image here")
     p.add_argument("--gradcam-layer", help="backbone layer for Grad-CAM (default: its last 4-D output)")
-    p.add_argument("--format", choices=["default", "kaggle-class", "kaggle-probs"], default="default")
+    p.add_argument("--format", choices=["default", "kaggle-class", "kaggle-probs", "kaggle-instances"],
+                   default="default", help="CSV layout (see the module doc); kaggle-instances: the instance "
+                   "run's competition submission, one RLE per row")
+    p.add_argument("--coco-json", metavar="FILE", help="instance segmentation: also write the detections as "
+                   "COCO results JSON (image_id, category_id, segmentation RLE, bbox, score)")
     p.add_argument("--id-column", default="id", help="id column name of the Kaggle layouts")
     p.add_argument("--label-column", default="label", help="class column name of kaggle-class")
     p.add_argument("--top", type=int, default=5, help="classes printed for --image")
@@ -84,6 +96,8 @@ def predict(args) -> int:
     task = run.task
     if args.volume or task.dense:
         return predict_volume(run, args)
+    if task.predict_table is not None:
+        return predict_with_table(ens, args)
     _check_tuning(ens)
     paths = [args.image] if args.image else list_images(args.input_dir)
     probs, errors = inference.predict_files(ens, paths, args.batch_size)
@@ -112,6 +126,34 @@ def predict(args) -> int:
                            probs[ok], args.gradcam_layer, args.batch_size)
         log.info("wrote %d Grad-CAM overlays to %s", n, args.gradcam)
     return 0 if ok.any() else 2
+
+
+def predict_with_table(ens, args) -> int:
+    """A task that tabulates its own predictions (instance segmentation: one row per instance)."""
+    import json
+
+    from tfvision.fileio import owned_output
+
+    run = ens.main
+    if len(ens.runs) > 1 or ens.views != ["identity"] or args.gradcam:
+        raise UserError(f"predict: --ensemble, --tta and --gradcam are not available for {run.task_name} runs")
+    paths = [args.image] if args.image else list_images(args.input_dir)
+    frame, errors, coco_results = run.task.predict_table(run, paths, args.batch_size, args.format)
+    for path, err in zip(paths, errors, strict=True):
+        if err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+    output = _csv_output(args)
+    if output:
+        with owned_output(output, "--output") as tmp:
+            tmp.write_text(frame.to_csv(index=False))
+    if args.coco_json:
+        with owned_output(args.coco_json, "--coco-json") as tmp:
+            tmp.write_text(json.dumps(coco_results))
+    readable = sum(not e for e in errors)
+    log.info("wrote %d rows for %d images (%d unreadable)", len(frame), readable, len(paths) - readable)
+    if args.image and readable:
+        print(frame.to_string(index=False))
+    return 0 if readable else 2
 
 
 def predict_volume(run, args) -> int:
@@ -152,6 +194,9 @@ def _check_outputs(args) -> None:
     if output:
         check_output_outside(output, inputs, "--output")
         check_replaceable(output, "--output")
+    if args.coco_json:
+        check_output_outside(args.coco_json, inputs, "--coco-json")
+        check_replaceable(args.coco_json, "--coco-json")
     if args.gradcam:
         check_output_outside(args.gradcam, inputs, "--gradcam")
 

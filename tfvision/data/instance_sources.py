@@ -144,6 +144,15 @@ def _image_problem(path: Path, record: ia.ImageInstances) -> str | None:
     return None
 
 
+# Submission CSV per layout: (id column, RLE column, id from the file name, RLE order). Sartorius
+# wants the name without extension, row-major runs; Airbus and DSB the file name, column-major.
+SUBMISSION = {
+    "coco": ("file_name", "EncodedPixels", "name", "F"),
+    "sartorius": ("id", "predicted", "stem", "C"),
+    "airbus": ("ImageId", "EncodedPixels", "name", "F"),
+}
+
+
 def instance_source(data: DataConfig) -> SampleTable:
     rows, missing, _, _ = _table(data)
     if not rows:

@@ -124,6 +124,17 @@ class Task:
 
     format_batch = None  # batch dict -> (x, y[, w]); None: (image, target[, weight])
 
+    def custom_objects(self) -> dict:
+        """Keras classes a saved model of this task needs registered before it loads (safe_mode stays on)."""
+        return {}
+
+    # ---- predict ----------------------------------------------------------------------------
+    # (run, paths, batch_size, fmt) -> (table, errors, coco_results or None), for a task whose predictions
+    # are not one probability row per image; None: `tfvision.predict` tabulates `Output.columns`.
+    predict_table = None
+
+    export_refusal: str | None = None  # why `tfvision.export` cannot export this task yet; None: it can
+
     # ---- end-of-training summary ------------------------------------------------------------
     def summarize(self, targets: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
         """Validation metrics for metrics.json (keys prefixed by the caller)."""

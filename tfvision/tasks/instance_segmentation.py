@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -55,6 +56,10 @@ class InstanceSegmentation(Task):
     mix = False
     label_layout = None
     sample_class_weights = False
+    # The serving graph (image bytes -> detections at the image's size) and its SavedModel/ONNX/TFLite
+    # verification are not written yet; predict serves the checkpoint meanwhile.
+    export_refusal = ("instance_segmentation runs cannot be exported yet (SavedModel/ONNX/TFLite of Mask R-CNN "
+                      "is still to come, issue 15); python -m tfvision.predict serves the checkpoint")
 
     # ---- config -----------------------------------------------------------------------------
     def check_config(self, cfg):
@@ -133,21 +138,78 @@ class InstanceSegmentation(Task):
     def compile_args(self, cfg, inputs, model):
         return {}  # MaskRCNN.train_step computes and tracks its own losses
 
-    # ---- scores -----------------------------------------------------------------------------
-    def detections(self, found, b: int, image_size):
-        """One image's detections as NumPy, pasted on the image, overlaps removed: (masks [D, H, W] bool,
+    def custom_objects(self):
+        from tfvision.models.maskrcnn.model import MaskRCNN
+
+        return {"MaskRCNN": MaskRCNN}
+
+    # ---- detections -------------------------------------------------------------------------
+    @staticmethod
+    def detections(found, b: int, image_size, options, model_size=None):
+        """One image's detections as NumPy, pasted at `image_size` (boxes scaled from `model_size`, the
+        model's input, when it differs), overlaps removed in score order: (masks [D, H, W] bool,
         classes, scores, boxes)."""
         from tfvision.instance_metrics import remove_overlaps
         from tfvision.models.maskrcnn.detect import paste_masks
 
-        o = self.cfg.task_options
         count = int(found["num_detections"][b])
-        probs = np.asarray(paste_masks(found["masks"][b:b + 1, :count], found["boxes"][b:b + 1, :count],
-                                       image_size))[0]
+        boxes = np.asarray(found["boxes"][b, :count], np.float32)
+        if model_size is not None:
+            boxes = boxes * np.array([image_size[1] / model_size[1], image_size[0] / model_size[0]] * 2, np.float32)
+        probs = np.asarray(paste_masks(found["masks"][b:b + 1, :count], boxes[None], tuple(image_size)))[0]
         scores = np.asarray(found["scores"][b, :count])
-        masks, kept = remove_overlaps(probs > o.mask_threshold, scores, o.min_area)
-        return (masks, np.asarray(found["classes"][b, :count])[kept], scores[kept],
-                np.asarray(found["boxes"][b, :count])[kept])
+        masks, kept = remove_overlaps(probs > options.mask_threshold, scores, options.min_area)
+        return masks, np.asarray(found["classes"][b, :count])[kept], scores[kept], boxes[kept]
+
+    def predict_table(self, run, paths, batch_size, fmt):
+        """Detections of image files at each file's own size: one CSV row per instance (an image with
+        none gets one row with an empty mask), and the same as COCO results."""
+        import pandas as pd
+        import tensorflow as tf
+        from PIL import Image
+
+        from tfvision.data.instance_sources import SUBMISSION
+        from tfvision.data.rle import encode, to_coco
+        from tfvision.inference import image_dataset, image_spec
+        from tfvision.run import load_run_config
+
+        cfg = load_run_config(run.run_dir)
+        options = cfg.task_options
+        id_column, rle_column, naming, order = SUBMISSION[cfg.data.source]
+        detect = tf.function(lambda x: run.model(x, training=False), reduce_retracing=True)
+        found_by_index = {}
+        for images, index in image_dataset(paths, image_spec(run, batch_size)):
+            found = {k: v.numpy() for k, v in detect(images).items()}
+            for b, j in enumerate(index.numpy()):
+                with Image.open(paths[j]) as im:
+                    size = (im.height, im.width)
+                found_by_index[int(j)] = self.detections(found, b, size, options, run.image_size)
+        rows, results, errors = [], [], []
+        for j, path in enumerate(paths):
+            name = Path(path).stem if naming == "stem" else Path(path).name
+            if j not in found_by_index:
+                errors.append("unreadable image")
+                rows.append({id_column: name, rle_column: "", "path": path, "error": "unreadable image"})
+                continue
+            errors.append("")
+            masks, classes, scores, boxes = found_by_index[j]
+            for m, k, score, box in zip(masks, classes, scores, boxes, strict=True):
+                rows.append({id_column: name, rle_column: encode(m, order=order), "path": path,
+                             "class": run.class_names[k], "score": float(score),
+                             "x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3])})
+                results.append({"image_id": _image_id(path, j), "file_name": Path(path).name,
+                                "category_id": int(k) + 1, "score": float(score),
+                                "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                                "segmentation": to_coco(m)})
+            if not len(masks):
+                rows.append({id_column: name, rle_column: "", "path": path})
+        table = pd.DataFrame(rows, columns=[id_column, rle_column, "path", "class", "score", "x0", "y0", "x1", "y1",
+                                            "error"]).fillna({"error": ""})
+        if fmt == "kaggle-instances":  # a submission: no unreadable rows, no extra columns
+            table = table.loc[table["error"] == "", [id_column, rle_column]]
+        return table, errors, results
+
+    # ---- scores -----------------------------------------------------------------------------
 
     def score(self, model, dataset, inputs, split):
         """COCO AP and the Kaggle IoU sweep over the split, at the model's input size."""
@@ -163,7 +225,7 @@ class InstanceSegmentation(Task):
                 present = targets["classes"][b].numpy() >= 0
                 gt_masks.append(targets["masks"][b].numpy()[present] > 0)
                 gt_classes.append(targets["classes"][b].numpy()[present])
-                predicted.append(self.detections(found, b, images.shape[1:3]))
+                predicted.append(self.detections(found, b, tuple(images.shape[1:3]), self.cfg.task_options))
         ap = coco_ap(gt_masks, gt_classes, *(list(p) for p in zip(*predicted, strict=True)),
                      max_detections=self.cfg.task_options.max_detections)
         ap = {k.lower(): (None if np.isnan(v) else float(v)) for k, v in ap.items()}
@@ -181,6 +243,13 @@ class InstanceSegmentation(Task):
     def headline(self, metrics):
         return (f"segm_ap={_fmt(metrics['segm_ap'])} segm_ap50={_fmt(metrics['segm_ap50'])} "
                 f"iou_sweep={_fmt(metrics['iou_sweep'])}")
+
+
+def _image_id(path: str, index: int) -> int:
+    """COCO results need an integer image_id: a COCO file name's own number (000000000139.jpg -> 139),
+    else the file's position in the list."""
+    stem = Path(path).stem
+    return int(stem) if stem.isdigit() else index
 
 
 def _fmt(v) -> str:
