@@ -325,16 +325,19 @@ def write_folder(runtime: Runtime | None, run_dir: Path):
     temporary folder of their own, removed at the end.
 
     Every worker saves what the chief saves (Keras reads variables collectively), so each
-    needs a run folder. A worker's starts as a copy of the chief's (shared storage, as for
-    BackupAndRestore in any multi-worker run), so that a restarted cluster resumes every
-    worker at the chief's epoch. Only the folder made here is ever removed.
+    needs a run folder. When the chief's has trained before, a worker's starts as a copy of
+    it (shared storage, as for BackupAndRestore in any multi-worker run), so that a restarted
+    cluster resumes every worker at the chief's epoch. Only the folder made here is removed.
     """
     if runtime is None or runtime.is_chief:
         yield Path(run_dir)
         return
     tmp = Path(tempfile.mkdtemp(prefix=f"tfvision-worker{runtime.worker}-"))
     try:
-        if Path(run_dir).is_dir():
+        # Only a run that has trained before: a new one's chief is writing its split and data
+        # report right now, and a copy could catch half of them (this worker derives the same).
+        started = Path(run_dir, "backup").is_dir() or Path(run_dir, "progress.json").is_file()
+        if started:
             shutil.copytree(run_dir, tmp, ignore=_SKIP, dirs_exist_ok=True)
         log.info("worker %d of %d writes to %s (removed at the end)", runtime.worker, runtime.workers, tmp)
         yield tmp
