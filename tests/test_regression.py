@@ -193,9 +193,8 @@ def _config(root, tmp_path, mode="regression", **train):
     return path
 
 
-# Regression mode learns in 5 epochs (val QWK about 0.97 here; about a minute, so it runs with the CLI
-# suites, `-m configs`); CORAL's
-# run takes longer (about 2 minutes on 2 cores) and is marked slow.
+# Regression mode learns in 5 epochs (val QWK about 0.97 here) in about a minute, so it runs with the
+# CLI suites (`-m configs`); CORAL's run takes about 2 minutes on 2 cores and is marked slow.
 @pytest.mark.parametrize("mode,epochs", [pytest.param("regression", 5, marks=pytest.mark.configs),
                                          pytest.param("coral", 8, marks=pytest.mark.slow)])
 def test_a_tiny_model_learns_digit_grades_end_to_end(mode, epochs, digits_root, tmp_path):
