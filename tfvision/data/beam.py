@@ -16,6 +16,10 @@ the pipeline has finished, so the output must be a folder every worker can
 write: any local folder with the DirectRunner, a shared file system with
 Flink or Spark. The same state files let a rerun keep the shards a failed
 run finished, with either converter.
+
+The sample list travels inside the submitted pipeline (``beam.Create``), about
+200 bytes a sample: fine for hundreds of thousands of samples; a runner that
+caps the size of a submitted job (Dataflow) would need it read from a file.
 """
 
 from __future__ import annotations
