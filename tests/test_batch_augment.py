@@ -177,6 +177,22 @@ def test_step_seeds_are_reproducible_and_differ_by_step_and_replica():
     assert len(seeds) == 8 and tuple(s(4, 0, 0).numpy()) not in seeds
 
 
+def test_the_step_wrapper_draws_per_step_and_repeats_a_step_exactly():
+    """The step counter (the optimizer's iterations) seeds each step: a new step draws anew,
+    the same step again (a resumed run) draws the same."""
+    counter = tf.Variable(0, dtype=tf.int64)
+    seen = ba.batch_augmented(lambda data: data[0], ba.BatchAugment((_only(hflip=0.5, color_p=1.0),)),
+                              step_counter=lambda: counter)
+    step = tf.function(seen)
+    batch = {"image": tf.constant(np.stack([photo(i, 32) for i in range(8)])), "tier": tf.zeros([8], tf.int32),
+             "target": tf.one_hot([0, 1] * 4, 2)}
+    first = step(batch).numpy()
+    counter.assign_add(1)
+    second = step(batch).numpy()
+    counter.assign(0)
+    assert not np.array_equal(first, second) and np.array_equal(first, step(batch).numpy())
+
+
 def _tiny_model():
     inp = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 255.0)(inp)
