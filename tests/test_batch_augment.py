@@ -293,3 +293,19 @@ def test_demo_reaches_the_same_accuracy_with_either_placement(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         acc[placement] = json.loads((run / "metrics.json").read_text())["val_accuracy"]
     assert acc["accelerator"] >= 0.90 and abs(acc["accelerator"] - acc["host"]) < 0.04, acc
+
+
+@pytest.mark.slow
+def test_segmentation_learns_with_masks_augmented_on_the_device(tmp_path):
+    """U-Net on MNI slices, 3 epochs, with affine, elastic, flips and CutMix in the train step and
+    the segmentation task's format_batch after them (50 s). The plumbing end to end; the
+    checkerboard test above is the exact check of alignment."""
+    from tests import layouts
+    from tests.test_segmentation import _config
+    from tfvision.train import main
+
+    root = layouts.mni_volumes(tmp_path / "mni").root
+    cfg = _config(root, tmp_path, augment={"placement": "accelerator", "mix": {"cutmix_alpha": 1.0, "p": 0.5}},
+                  train={"epochs": 3})
+    assert main(["--config", str(cfg), "--output-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val_dice_per_class"]["brain"] > 0.9
