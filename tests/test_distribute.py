@@ -151,6 +151,42 @@ def test_batch_size_is_per_replica_and_the_rate_scales_with_replicas():
     assert one.global_batch(16) == 16 and one.scale_lr(0.001) == 0.001 and one.is_chief
 
 
+def test_loose_files_are_sharded_by_data_each_worker_keeping_every_other_batch(small_digits):
+    """What each of 2 workers trains on: batches 0, 2, 4... and 1, 3, 5... of the one-process
+    stream, at the per-replica batch; validation batches full and of static shape."""
+    import tensorflow as tf
+
+    from tfvision.data.inputs import FileInputs
+    from tfvision.data.pipeline import PipelineSpec
+    from tfvision.data.sources import load_samples
+    from tfvision.data.splits import assign_splits
+    from tfvision.tasks import get_task
+
+    cfg = demo_config(f"data.root={small_digits}", *DEMO, "train.batch_size=8")
+    task = get_task(cfg.task, cfg)
+    inputs = FileInputs(cfg, task, assign_splits(load_samples(cfg.data).frame, cfg.data.split, cfg.seed))
+    spec = PipelineSpec.from_config(cfg)
+
+    class TwoWorkers:  # hands the dataset function what MultiWorkerMirroredStrategy gives worker i
+        num_replicas_in_sync = 2
+
+        def __init__(self, i):
+            self.context = tf.distribute.InputContext(2, i, 2)
+
+        def distribute_datasets_from_function(self, fn):
+            return fn(self.context)
+
+    one = inputs.dataset("train", spec, training=True, repeat=True, format_batch=task.format_batch)
+    stream = [x.numpy() for x, _ in one.take(6)]
+    for i in (0, 1):
+        runtime = distribute.Runtime("multi_worker", TwoWorkers(i), worker=i, workers=2)
+        train, val, steps, val_steps = runtime.fit_data(inputs, spec, task.format_batch, None)
+        assert (steps, val_steps) == (inputs.sizes["train"] // 16, inputs.sizes["val"] // 16)
+        for got, want in zip(train.take(3), stream[i::2], strict=True):
+            np.testing.assert_array_equal(got[0].numpy(), want)
+        assert val.element_spec[0].shape == (8, 32, 32, 3)
+
+
 def test_tf_config_names_the_worker_chief_first(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ConfigError, match="TF_CONFIG"):

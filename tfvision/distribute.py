@@ -50,12 +50,15 @@ _RUNTIMES: dict = {}  # one per process: MultiWorkerMirroredStrategy configures 
 
 @dataclasses.dataclass
 class Runtime:
-    name: str
+    """A strategy and what training must know about it (see the module docstring)."""
+
+    name: str  # train.strategy
     strategy: tf.distribute.Strategy
     worker: int = 0  # this process's index in TF_CONFIG's cluster, chief first
     workers: int = 1
     steps_per_execution: int = 1
-    policy: str = "float32"
+    policy: str = "float32"  # the Keras mixed-precision policy
+    element_spec: object = None  # one replica's training batch, set by fit_data
 
     @property
     def is_chief(self) -> bool:
