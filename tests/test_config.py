@@ -122,8 +122,9 @@ def test_json_schema_describes_the_config():
     read_by_tasks = {s for name in task_names() for s in get_task(name).sources}
     assert set(data["properties"]["source"]["enum"]) == read_by_tasks
     assert "source" in data["required"] and data["additionalProperties"] is False
-    assert schema["properties"]["train"]["properties"]["batch_size"] == {
-        "type": "integer", "minimum": 1, "default": 32}
+    batch = schema["properties"]["train"]["properties"]["batch_size"]
+    assert {k: batch[k] for k in ("type", "minimum", "default")} == {"type": "integer", "minimum": 1, "default": 32}
+    assert "per replica" in batch["description"]  # the help text reaches the schema
     json.dumps(schema)  # must be serialisable
 
 
@@ -182,7 +183,7 @@ def test_shipped_configs_validate(tmp_path, name):
     raw["data"]["root"] = str(root)
     if not raw["data"].get("prepare"):
         root.mkdir()
-        for key in ("csv", "val_csv"):
+        for key in ("csv", "val_csv", "annotations", "val_annotations"):
             if raw["data"].get(key):
                 (root / raw["data"][key]).parent.mkdir(parents=True, exist_ok=True)
                 (root / raw["data"][key]).write_text("x\n")
