@@ -124,6 +124,7 @@ def test_killed_worker_restarts_and_every_epoch_is_logged_once(small_digits, tmp
         assert time.time() < deadline and procs[0].poll() is None, finish(procs, 5)
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)  # mid-epoch 2
+    procs[1].wait()  # reaped: a zombie's pid still answers os.kill(pid, 0)
     # The chief's collectives fail on the lost peer and it exits; the cluster is restarted.
     rc, err = finish({0: procs[0]}, timeout=90)[0]
     assert rc != 0 and "Unavailable" in err, err
@@ -136,8 +137,8 @@ def test_killed_worker_restarts_and_every_epoch_is_logged_once(small_digits, tmp
     assert epochs_logged(history) == [0, 1, 2]
     assert not (run / "backup" / "phase0").exists()  # BackupAndRestore removes it when done
     assert (run / "metrics.json").is_file()
-    # The killed worker's temporary folder outlives it; the restarted workers clean up their own.
-    assert len(list((tmp_path / "tmp").glob("tfvision-worker*"))) == 1
+    # The killed worker's temporary folder went with its successor; the others removed their own.
+    assert list((tmp_path / "tmp").glob("tfvision-worker*")) == []
 
 
 # --------------------------------------------------------------------------- batch and rate
@@ -212,15 +213,24 @@ def test_only_the_chief_writes_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     worker = distribute.Runtime("multi_worker", None, worker=1, workers=2)
     with distribute.write_folder(worker, run) as folder:  # a new run: the worker derives its own
-        assert folder.parent == tmp_path / "tmp" and list(folder.iterdir()) == []
+        assert folder.parent.parent == tmp_path / "tmp" and not folder.exists()
     (run / "backup").mkdir()
     (run / "backup" / "state.json").write_text("1")
     with distribute.write_folder(worker, run) as folder:
-        assert folder.parent == tmp_path / "tmp"
+        assert folder.parent.parent == tmp_path / "tmp"
         assert (folder / "backup" / "state.json").read_text() == "1"  # resumes at the chief's state
         (folder / "history.csv").write_text("epoch\n0\n")
-    assert not folder.exists() and not (run / "history.csv").exists()
+    assert not folder.parent.exists() and not (run / "history.csv").exists()
     assert sorted(p.name for p in run.iterdir()) == ["backup", "config.json"]
+    # A killed worker's folder (marker, dead pid) goes; anything else with the name stays.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    orphan, foreign = tmp_path / "tmp" / "tfvision-worker1-old", tmp_path / "tmp" / "tfvision-worker1-user"
+    for folder in (orphan, foreign):
+        folder.mkdir()
+    (orphan / distribute.WORKER_MARKER).write_text(json.dumps({"pid": int(dead)}))
+    with distribute.write_folder(worker, run):
+        assert not orphan.exists() and foreign.exists()
 
 
 # --------------------------------------------------------------------------- tpu

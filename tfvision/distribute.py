@@ -37,6 +37,7 @@ import keras
 import tensorflow as tf
 
 from tfvision.errors import ConfigError
+from tfvision.fileio import read_json, write_json
 
 # The data modules are imported where used: importing them runs TensorFlow ops (module-level
 # constants), after which MultiWorkerMirroredStrategy can no longer be made ("Collective ops
@@ -320,6 +321,19 @@ def check_static(element_spec, what: str) -> None:
 
 
 _SKIP = shutil.ignore_patterns(".*", "tensorboard", "last.keras", "*.png")
+WORKER_MARKER = ".tfvision-worker.json"  # {"pid"}: the folder is a worker's, made by that process
+
+
+def _remove_orphans(prefix: str) -> None:
+    """Remove the temporary folders of killed workers: ours by their marker, whose process is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            pid = read_json(folder / WORKER_MARKER)["pid"]
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no marker (not ours), or a live process (PermissionError)
 
 
 @contextmanager
@@ -330,19 +344,24 @@ def write_folder(runtime: Runtime | None, run_dir: Path):
     Every worker saves what the chief saves (Keras reads variables collectively), so each
     needs a run folder. When the chief's has trained before, a worker's starts as a copy of
     it (shared storage, as for BackupAndRestore in any multi-worker run), so that a restarted
-    cluster resumes every worker at the chief's epoch. Only the folder made here is removed.
+    cluster resumes every worker at the chief's epoch. Only folders made here are removed: this
+    one at the end, and those of killed workers, known by their marker and dead process.
     """
     if runtime is None or runtime.is_chief:
         yield Path(run_dir)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f"tfvision-worker{runtime.worker}-"))
+    prefix = f"tfvision-worker{runtime.worker}-"
+    _remove_orphans(prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
+        write_json(tmp / WORKER_MARKER, {"pid": os.getpid()})  # beside the run folder, not in it
+        folder = tmp / "run"
         # Only a run that has trained before: a new one's chief is writing its split and data
         # report right now, and a copy could catch half of them (this worker derives the same).
         started = Path(run_dir, "backup").is_dir() or Path(run_dir, "progress.json").is_file()
         if started:
-            shutil.copytree(run_dir, tmp, ignore=_SKIP, dirs_exist_ok=True)
-        log.info("worker %d of %d writes to %s (removed at the end)", runtime.worker, runtime.workers, tmp)
-        yield tmp
+            shutil.copytree(run_dir, folder, ignore=_SKIP)
+        log.info("worker %d of %d writes to %s (removed at the end)", runtime.worker, runtime.workers, folder)
+        yield folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
