@@ -95,7 +95,8 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    from tfvision.convert import convert, read_table
+    from tfvision.convert import convert
+    from tfvision.data.conversion import read_table
     from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset
     from tfvision.data.tfrecord import RecordInputs, checked_images
     from tfvision.tasks import get_task

@@ -28,7 +28,6 @@ Exit codes: 0 success, 2 config or data error (one line on stderr) or a failed
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing
 import os
 import sys
@@ -36,9 +35,7 @@ import sys
 from tfvision.cli import run_command
 from tfvision.config import Config
 from tfvision.config_loader import load_config
-from tfvision.data.conversion import STATE, complete, plan_conversion, read_table  # noqa: F401  (re-exported)
-
-log = logging.getLogger("tfvision.convert")
+from tfvision.data.conversion import complete, plan_conversion
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")
 
