@@ -3,7 +3,10 @@
 A shard folder holds ``{split}-{i:05d}-of-{n:05d}.tfrecord`` (``.tfrecord.gz``
 with GZIP) and ``manifest.json`` (counts, classes, each shard's records, size
 and sha256, rejected files). The record keys are in `tfvision.data.features`;
-`tfvision.convert` plans the shards and calls `write_shard` for each.
+`tfvision.data.conversion` plans the shards. The local converter
+(`tfvision.convert`) calls `write_shard` for each; the Beam pipeline
+(`tfvision.data.beam`) calls `check_sample` for each sample and `write_records` for
+each shard. Both encode with `encode_checked`.
 
 Reading goes through ``tf.io.gfile``, so a ``gs://`` folder works (TPU). A
 shard whose size differs from the manifest stops `RecordInputs` before
