@@ -24,20 +24,23 @@ def serialized_records(out: Path) -> Counter:
     return Counter(r.numpy() for p in sorted(out.glob("*.tfrecord")) for r in tf.data.TFRecordDataset(str(p)))
 
 
+def plant_broken(root: Path) -> None:
+    """A corrupt file among the real digits, listed in the CSV: cut short, so its decode fails."""
+    import pandas as pd
+
+    good = (root / "images" / "digit_0005.png").read_bytes()
+    (root / "images" / "broken.png").write_bytes(good[: len(good) // 2])
+    frame = pd.read_csv(root / "digits.csv", dtype=str)
+    pd.concat([frame, pd.DataFrame([{"path": "images/broken.png", "label": "5", "group": "broken"}])]).to_csv(
+        root / "digits.csv", index=False)
+
+
 def test_direct_runner_on_two_processes_writes_the_local_converters_records_and_manifest(
         small_digits, tmp_path, capsys):
     pytest.importorskip("apache_beam")
-    import pandas as pd
-
     from tfvision.data.tfrecord import read_examples
 
-    # A corrupt file among the real ones: cut short, so its decode fails.
-    good = (small_digits / "images" / "digit_0005.png").read_bytes()
-    (small_digits / "images" / "broken.png").write_bytes(good[: len(good) // 2])
-    csv = small_digits / "digits.csv"
-    frame = pd.read_csv(csv, dtype=str)
-    pd.concat([frame, pd.DataFrame([{"path": "images/broken.png", "label": "5", "group": "broken"}])]).to_csv(
-        csv, index=False)
+    plant_broken(small_digits)
     cfg_path = write_config(small_digits, tmp_path, max_bad_fraction=0.05)
     before = checksums(small_digits)
 
@@ -84,6 +87,18 @@ def test_segmentation_masks_get_the_same_checks_reasons_and_pixel_counts(tmp_pat
     assert {Path(r["path"]).name for r in beam["rejected"]} == {"3.jpg", "5.jpg"}
     assert beam["class_counts_unit"] == "pixels" and sum(beam["class_counts"]["train"].values()) > 0
     assert serialized_records(tmp_path / "beam") == serialized_records(tmp_path / "local")
+
+
+def test_above_max_bad_fraction_the_beam_run_stops_with_exit_2_and_keeps_its_shards(small_digits, tmp_path,
+                                                                                  capsys):
+    pytest.importorskip("apache_beam")
+    plant_broken(small_digits)
+    out = tmp_path / "beam"
+    assert main(["--config", str(write_config(small_digits, tmp_path, max_bad_fraction=0.0)), "--output", str(out),
+                 "--shard-mb", str(SHARD_MB), "--runner", "DirectRunner", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "data.max_bad_fraction=0.0" in err
+    assert not (out / "manifest.json").exists() and list(out.glob("*.tfrecord"))
 
 
 def test_an_interrupted_beam_run_keeps_its_finished_shards(small_digits, tmp_path):
