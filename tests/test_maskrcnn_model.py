@@ -374,3 +374,7 @@ def test_mask_targets_crop_the_matched_instance_at_cell_centres(mask_scale):
             cx = x0 + (np.arange(28) + 0.5) * (x1 - x0) / 28
             inside = ((cy >= ry0) & (cy <= ry1))[:, None] & ((cx >= rx0) & (cx <= rx1))[None, :]
             np.testing.assert_array_equal(targets[b, k], inside.astype(np.float32))
+    # The pipeline's masks are uint8 (and bool elsewhere): cropped as they are, same targets.
+    for dtype in (np.uint8, bool):
+        np.testing.assert_array_equal(np.asarray(mask_targets(masks.astype(dtype), rois, matched, (64, 64), 28)),
+                                      targets)

@@ -142,6 +142,9 @@ def mask_targets(gt_masks, boxes, matched, image_size, mask_size: int):
     crops = crop_boxes(ops.reshape(ops.cast(boxes, "float32") * scale, (-1, 4)), (mask_h, mask_w), mask_size)
     first_instance = ops.arange(ops.shape(boxes)[0], dtype="int32")[:, None] * num_gt
     instance = ops.reshape(ops.cast(matched, "int32") + first_instance, (-1,))
-    flat = ops.reshape(ops.cast(gt_masks, "float32"), (-1, mask_h, mask_w, 1))
+    # crop_and_resize reads integer images (not bool): the pipeline's uint8 masks go in as they are,
+    # since a float32 copy of every [B, M, H, W] mask was 4x the batch's largest tensor.
+    masks = ops.cast(gt_masks, "uint8") if str(gt_masks.dtype) == "bool" else gt_masks
+    flat = ops.reshape(masks, (-1, mask_h, mask_w, 1))
     resized = tf.image.crop_and_resize(flat, crops, instance, (mask_size, mask_size))
     return ops.reshape(ops.cast(resized >= 0.5, "float32"), (-1, boxes.shape[1], mask_size, mask_size))
