@@ -155,7 +155,6 @@ def test_batch_size_is_per_replica_and_the_rate_scales_with_replicas():
 def test_loose_files_are_sharded_by_data_each_worker_keeping_every_other_batch(small_digits):
     """What each of 2 workers trains on: batches 0, 2, 4... and 1, 3, 5... of the one-process
     stream, at the per-replica batch; validation batches full and of static shape."""
-    import tensorflow as tf
 
     from tfvision.data.inputs import FileInputs
     from tfvision.data.pipeline import PipelineSpec
@@ -168,24 +167,57 @@ def test_loose_files_are_sharded_by_data_each_worker_keeping_every_other_batch(s
     inputs = FileInputs(cfg, task, assign_splits(load_samples(cfg.data).frame, cfg.data.split, cfg.seed))
     spec = PipelineSpec.from_config(cfg)
 
-    class TwoWorkers:  # hands the dataset function what MultiWorkerMirroredStrategy gives worker i
-        num_replicas_in_sync = 2
-
-        def __init__(self, i):
-            self.context = tf.distribute.InputContext(2, i, 2)
-
-        def distribute_datasets_from_function(self, fn):
-            return fn(self.context)
-
     one = inputs.dataset("train", spec, training=True, repeat=True, format_batch=task.format_batch)
     stream = [x.numpy() for x, _ in one.take(6)]
     for i in (0, 1):
-        runtime = distribute.Runtime("multi_worker", TwoWorkers(i), worker=i, workers=2)
+        runtime = distribute.Runtime("multi_worker", Workers(i), worker=i, workers=2)
         train, val, steps, val_steps = runtime.fit_data(inputs, spec, task.format_batch, None)
         assert (steps, val_steps) == (inputs.sizes["train"] // 16, inputs.sizes["val"] // 16)
         for got, want in zip(train.take(3), stream[i::2], strict=True):
             np.testing.assert_array_equal(got[0].numpy(), want)
         assert val.element_spec[0].shape == (8, 32, 32, 3)
+
+
+class Workers:
+    """Hands a dataset function what MultiWorkerMirroredStrategy gives worker `i` of `n`."""
+
+    def __init__(self, i, n=2):
+        import tensorflow as tf
+
+        self.num_replicas_in_sync = n
+        self.context = tf.distribute.InputContext(n, i, n)
+
+    def distribute_datasets_from_function(self, fn):
+        return fn(self.context)
+
+
+def test_shards_are_split_between_workers_by_file(small_digits, tmp_path, monkeypatch):
+    from tests.test_tfrecord import SHARD_MB, write_config
+    from tfvision.convert import convert
+    from tfvision.data.pipeline import PipelineSpec
+    from tfvision.data.tfrecord import RecordInputs
+    from tfvision.errors import DataError
+    from tfvision.tasks import get_task
+
+    path = write_config(small_digits, tmp_path)
+    convert(load_config(path), tmp_path / "shards", shard_mb=SHARD_MB, progress=False)  # 5 train shards
+    cfg = load_config(path, ["data.source=tfrecord", f"data.root={tmp_path / 'shards'}", "augment.enabled=false"])
+    task = get_task(cfg.task, cfg)
+    inputs, spec = RecordInputs(cfg, task), PipelineSpec.from_config(cfg)
+
+    def cluster(n, i):
+        hosts = [f"h{k}:1" for k in range(n)]
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": hosts},
+                                                    "task": {"type": "worker", "index": i}}))
+        return distribute.Runtime("multi_worker", Workers(i, n), worker=i, workers=n)
+
+    seen = []
+    for i in (0, 1):
+        train, *_ = cluster(2, i).fit_data(inputs, spec, task.format_batch, None)
+        seen.append({x.tobytes() for batch in train.take(30) for x in batch[0].numpy()})
+    assert not seen[0] & seen[1] and len(seen[0]) + len(seen[1]) == inputs.sizes["train"] == 225
+    with pytest.raises(DataError, match="5 train shard.* for 6 workers"):
+        cluster(6, 5).fit_data(inputs, spec, task.format_batch, None)
 
 
 def test_tf_config_names_the_worker_chief_first(monkeypatch):
