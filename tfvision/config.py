@@ -337,9 +337,10 @@ class TrainConfig:
     monitor: str = opt("val_loss", help="metric for best checkpoint and early stopping")
     early_stopping: EarlyStoppingConfig = opt(factory=EarlyStoppingConfig)
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = opt("float32")
-    strategy: Literal["default", "mirrored", "multi_worker", "tpu"] = opt(
+    strategy: Literal["default", "mirrored", "multi_worker", "tpu", "jax"] = opt(
         "default", help="default: one device; mirrored: this machine's GPUs (or CPUs); multi_worker: "
-        "the machines in TF_CONFIG; tpu: the local TPU (mixed_bfloat16, no host-side Python in the input)")
+        "the machines in TF_CONFIG; tpu: the local TPU (mixed_bfloat16, no host-side Python in the input); "
+        "jax: Keras on the JAX backend, keras.distribution.DataParallel over all devices")
     steps_per_execution: int | None = opt(None, min=1, help="batches per device call; default 32 with "
                                           "strategy tpu, else 1")
     tensorboard: bool = opt(True)

@@ -185,7 +185,16 @@ def _tpu(cfg):
     return Runtime("tpu", strategy, steps_per_execution=spe, policy="mixed_bfloat16")
 
 
-_STRATEGIES = {"default": _default, "mirrored": _mirrored, "multi_worker": _multi_worker, "tpu": _tpu}
+def _jax(cfg):
+    # The JAX route (keras.distribution) lives in tfvision/jax_runtime.py: an optional extra, and
+    # a Runtime of its own (no tf.distribute strategy); imported only when asked for.
+    from tfvision.jax_runtime import jax_runtime
+
+    return jax_runtime(cfg)
+
+
+_STRATEGIES = {"default": _default, "mirrored": _mirrored, "multi_worker": _multi_worker, "tpu": _tpu,
+               "jax": _jax}
 
 
 def setup(cfg) -> Runtime:

@@ -65,6 +65,9 @@ def _command(args) -> int:
 
 def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
     """Run (or resume) training for a validated config into `run_dir`."""
+    from tfvision.backend import select_backend
+
+    select_backend(cfg.train.strategy)  # before Keras is imported: it reads KERAS_BACKEND once
     from tfvision import distribute
     from tfvision.fileio import check_output_outside
 

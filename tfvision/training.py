@@ -102,7 +102,7 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         "normalization": {"mean": list(norm.mean), "std": list(norm.std), "bgr": norm.bgr},
         "class_weights": None if inputs.weights is None else inputs.weights.tolist(),
         "class_tiers": None if inputs.tiers is None else inputs.tiers.tolist(),
-        "replicas": strategy.num_replicas_in_sync, "mixed_precision": runtime.policy,
+        "replicas": runtime.replicas, "mixed_precision": runtime.policy,
         "oversampling": inputs.oversampling,
         "medical": ({"windows": cfg.data.windows, "slice_axis": cfg.data.slice_axis}
                     if cfg.data.source == "volumes" else None),
@@ -137,7 +137,8 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
             mult = cfg.train.optimizer.backbone_lr_mult if phase.trainable != "head" else 1.0
             backbone_vars = backbone.trainable_variables if backbone is not None else []
             optimizer = build_optimizer(cfg.train.optimizer, schedule, backbone_vars, mult)
-            model.compile(optimizer=optimizer, jit_compile=False,
+            # JAX has no graph mode but XLA: an unjitted step runs op by op, many times slower.
+            model.compile(optimizer=optimizer, jit_compile=keras.backend.backend() == "jax",
                           steps_per_execution=runtime.execution_steps(steps),
                           **task.compile_args(cfg, inputs, model))
             if pspec.augment_on_device:  # augment.placement "accelerator": batches augmented in the step

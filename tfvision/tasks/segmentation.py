@@ -132,22 +132,18 @@ class Segmentation(Task):
 
     def score(self, model, dataset, inputs, split) -> dict:
         """Per-class Dice and IoU over the whole split, accumulated per batch (the training metrics)."""
-        import tensorflow as tf
-
+        from tfvision.models.forward import compiled_forward
         from tfvision.seg_metrics import DiceScore, IoUScore, macro
 
         k = len(inputs.class_names)
         scores = [DiceScore(k), IoUScore(k)]
-
-        @tf.function(reduce_retracing=True)
-        def update(x, y):
-            out = model(x, training=False)
-            out = out[0] if isinstance(out, (list, tuple)) else out["logits"] if isinstance(out, dict) else out
-            for m in scores:
-                m.update_state(y, out)
-
+        forward = compiled_forward(model)  # the metrics' updates run eagerly: a few sums per batch
         for x, y in dataset:
-            update(x, y["logits"] if isinstance(y, dict) else y)
+            out = forward(x)
+            out = out[0] if isinstance(out, (list, tuple)) else out["logits"] if isinstance(out, dict) else out
+            y = y["logits"] if isinstance(y, dict) else y
+            for m in scores:
+                m.update_state(np.asarray(y), out)
         # NaN: the class is absent from truth and prediction, so it is not scored.
         dice, iou = ([None if np.isnan(v) else float(v) for v in np.asarray(m.per_class())] for m in scores)
         names = inputs.class_names
