@@ -119,10 +119,10 @@ def plan_shards(frame: pd.DataFrame, shard_mb: float, gzip: bool, seed: int) -> 
     return plan
 
 
-def fingerprint(frame, plan, class_names, cfg, gzip) -> str:
-    """What decides the shards' bytes: rows per shard, labels, encoding. Training-only
-    settings (epochs, augmentation, max_bad_fraction) are left out, so changing them
-    keeps the finished shards."""
+def fingerprint(frame, plan, class_names, cfg, gzip, instances=None) -> str:
+    """What decides the shards' bytes: rows per shard, labels, encoding (and each row's instances,
+    whose annotations can change while the file list stays). Training-only settings (epochs,
+    augmentation, max_bad_fraction) are left out, so changing them keeps the finished shards."""
     from tfvision.data.features import SCHEMA_VERSION
 
     h = hashlib.sha256(json.dumps([SCHEMA_VERSION, cfg.task, class_names, cfg.data.channels, gzip,
@@ -130,8 +130,10 @@ def fingerprint(frame, plan, class_names, cfg, gzip) -> str:
     cols = frame[[c for c in ("path", "label", "group", "fold", "mask") if c in frame]].astype(str).to_numpy()
     for name, rows in plan:
         h.update(name.encode())
-        for r in cols[rows]:
-            h.update("\0".join(r).encode() + b"\n")
+        for r in rows:
+            h.update("\0".join(cols[r]).encode() + b"\n")
+            for values in (instances[r].values() if instances is not None else ()):
+                h.update(np.ascontiguousarray(values).tobytes())
     return h.hexdigest()
 
 
@@ -155,6 +157,8 @@ class Conversion:
     targets: np.ndarray
     known: np.ndarray | None
     masks: np.ndarray | None  # segmentation: the label image of each row
+    instances: list[dict] | None  # instance segmentation: each row's ``instance/*`` features
+    rejected_annotations: list[dict]  # bad annotation rows of images that are kept (instance sources)
     evals: np.ndarray
     has_eval: bool
     started: float
@@ -165,14 +169,15 @@ class Conversion:
 
     def shard_rows(self, rows: np.ndarray) -> list[tuple]:
         """The `tfrecord.ShardJob` rows of the frame rows `rows`: (path, image id, group, label,
-        target, known, eval target, fold, mask path or None)."""
+        target, known, eval target, fold, mask path or None, instance features or None)."""
         root = os.path.abspath(self.cfg.data.root)
         sub = self.frame.iloc[rows]
         ids = [os.path.relpath(p, root) if os.path.abspath(p).startswith(root + os.sep) else p
                for p in sub["path"]]
-        t, k, m = self.targets, self.known, self.masks
+        t, k, m, inst = self.targets, self.known, self.masks, self.instances
         return [(p, i, g, lab, t[r].tolist(), None if k is None else k[r].tolist(),
-                 self.evals[r].tolist() if self.has_eval else None, int(f), None if m is None else str(m[r]))
+                 self.evals[r].tolist() if self.has_eval else None, int(f), None if m is None else str(m[r]),
+                 None if inst is None else inst[r])
                 for r, p, i, g, lab, f in zip(rows, sub["path"], ids, sub["group"], sub["label"], sub["fold"],
                                               strict=True)]
 
@@ -237,10 +242,13 @@ class Conversion:
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "fingerprint": self.fingerprint, "task": cfg.task, "class_names": class_names,
             "num_classes": len(class_names), "has_known": known is not None, "has_eval": self.has_eval,
-            "has_mask": masks is not None, "class_counts_unit": "pixels" if masks is not None else "samples",
+            "has_mask": masks is not None, "has_instances": self.instances is not None,
+            "class_counts_unit": ("pixels" if masks is not None else "instances" if self.instances is not None
+                                  else "samples"),
             "checked_channels": cfg.data.channels, "compression": "GZIP" if self.gzip else None,
             "shard_mb": self.shard_mb, "counts": counts, "class_counts": class_counts,
             "known_counts": known_counts, "shards": shards, "rejected": list(self.missing) + rejected,
+            "rejected_annotations": self.rejected_annotations,
             "source": {"type": cfg.data.source, "root": os.path.abspath(cfg.data.root), "csv": cfg.data.csv,
                        "rows": self.total},
             "config": cfg.to_dict(), "features": F.DESCRIPTION,
@@ -275,6 +283,9 @@ def plan_conversion(cfg: Config, output, shard_mb: float = 100.0, gzip: bool = F
     out = Path(output)
     check_output_outside(out, [cfg.data.root], "--output")
     frame, missing, class_names, task = read_table(cfg)
+    # A row-level entry is one bad annotation of an image that stays (instance sources).
+    annotations = [r for r in missing if r.get("row") is not None]
+    missing = [r for r in missing if r.get("row") is None]
     total = len(frame) + len(missing)
     if len(missing) > cfg.data.max_bad_fraction * total:
         raise DataError(f"{len(missing)} of {total} images are missing (e.g. {missing[0]['path']}), above "
@@ -285,10 +296,12 @@ def plan_conversion(cfg: Config, output, shard_mb: float = 100.0, gzip: bool = F
     if masks is not None:  # the mask is the target; the record keeps a [K] placeholder for the schema
         targets = np.zeros((len(frame), len(class_names)), np.float32)
     evals = task.eval_targets(frame, class_names) if masks is None else targets
+    instances = task.record_features(frame)
     return Conversion(cfg=cfg, out=out, shard_mb=shard_mb, gzip=gzip, frame=frame, missing=missing,
                       class_names=class_names, task=task, plan=plan,
-                      fingerprint=fingerprint(frame, plan, class_names, cfg, gzip), targets=targets,
-                      known=known, masks=masks, evals=evals,
+                      fingerprint=fingerprint(frame, plan, class_names, cfg, gzip, instances), targets=targets,
+                      known=known, masks=masks, instances=instances, rejected_annotations=annotations,
+                      evals=evals,
                       has_eval=not np.array_equal(evals, targets),  # multi-label scores only the certain labels
                       started=started)
 

@@ -21,13 +21,18 @@ label/eval          float [K]     optional: what validation scores against when 
                                   the target (multi-label: -1 where unknown or uncertain)
 label/mask          bytes         optional: the integer label PNG's bytes (segmentation),
                                   checked at conversion: same size as the image, labels < K
+instance/runs       int64 [...]   optional: every instance's COCO run lengths, concatenated
+                                  (column-major, background first; instance segmentation)
+instance/run_len    int64 [n]     optional: how many runs each instance has
+instance/class      int64 [n]     optional: each instance's class index
+instance/box        float [4n]    optional: each instance's box, x0, y0, x1, y1 (pixel edges)
 sample/fold         int64         K-fold index of the converted split config, -1 outside folds
 ==================  ============  ==========================================================
 
 The split is not a feature: it is the shard's file name
 (``{split}-{i:05d}-of-{n:05d}.tfrecord``). ``K``, and whether the optional
 keys are present, are in ``manifest.json`` (``num_classes``, ``has_known``,
-``has_eval``, ``has_mask``), which the reader needs to build the parse spec.
+``has_eval``, ``has_mask``, ``has_instances``), which the reader needs to build the parse spec.
 
 Bump `SCHEMA_VERSION` on any change a reader of the old version would misread.
 
@@ -53,6 +58,11 @@ KNOWN = "label/known"
 EVAL = "label/eval"
 MASK = "label/mask"
 FOLD = "sample/fold"
+INSTANCE_RUNS = "instance/runs"
+INSTANCE_RUN_LENGTHS = "instance/run_len"
+INSTANCE_CLASSES = "instance/class"
+INSTANCE_BOXES = "instance/box"
+INSTANCE_KEYS = (INSTANCE_RUNS, INSTANCE_RUN_LENGTHS, INSTANCE_CLASSES, INSTANCE_BOXES)
 
 # Documentation that travels in manifest.json, so a shard folder explains itself.
 DESCRIPTION = {
@@ -66,6 +76,10 @@ DESCRIPTION = {
     KNOWN: "float[num_classes]: 1 where known (only if has_known)",
     EVAL: "float[num_classes]: validation truth, -1 where unscored (only if has_eval)",
     MASK: "bytes: integer label PNG (only if has_mask)",
+    INSTANCE_RUNS: "int64[]: every instance's COCO run lengths, concatenated (only if has_instances)",
+    INSTANCE_RUN_LENGTHS: "int64[n]: runs per instance (only if has_instances)",
+    INSTANCE_CLASSES: "int64[n]: class index per instance (only if has_instances)",
+    INSTANCE_BOXES: "float[4n]: x0, y0, x1, y1 per instance (only if has_instances)",
     FOLD: "int64: K-fold index under the converted split config, -1 outside folds",
 }
 
@@ -83,8 +97,9 @@ def image_format(data: bytes) -> str:
 def encode_example(
     *, image: bytes, height: int, width: int, channels: int, image_id: str, group: str, label: str,
     target, fold: int = -1, known=None, eval_target=None, mask: bytes | None = None,
+    instances: dict | None = None,
 ) -> bytes:
-    """One serialized tf.Example in this schema."""
+    """One serialized tf.Example in this schema; `instances` maps the ``instance/*`` keys to arrays."""
     import tensorflow as tf
 
     def b(v: bytes):
@@ -108,13 +123,16 @@ def encode_example(
         feats[EVAL] = f(eval_target)
     if mask is not None:
         feats[MASK] = b(mask)
+    for key, values in (instances or {}).items():
+        feats[key] = (f(values) if key == INSTANCE_BOXES else
+                      tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values])))
     # deterministic: map entries sorted by key. Otherwise their order follows the process's
     # string hashing, and the same conversion run twice gives different sha256s.
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def parse_spec(num_classes: int, *, has_known: bool = False, has_eval: bool = False, has_mask: bool = False,
-               keys: tuple[str, ...] | None = None) -> dict:
+               has_instances: bool = False, keys: tuple[str, ...] | None = None) -> dict:
     """`tf.io.parse_*example` spec; `keys` restricts it (e.g. labels only)."""
     import tensorflow as tf
 
@@ -136,6 +154,8 @@ def parse_spec(num_classes: int, *, has_known: bool = False, has_eval: bool = Fa
         spec[EVAL] = tf.io.FixedLenFeature([num_classes], tf.float32)
     if has_mask:
         spec[MASK] = tf.io.FixedLenFeature([], tf.string)
+    if has_instances:
+        spec.update({k: tf.io.VarLenFeature(tf.float32 if k == INSTANCE_BOXES else tf.int64) for k in INSTANCE_KEYS})
     if keys is not None:
         spec = {k: v for k, v in spec.items() if k in keys}
     return spec

@@ -29,30 +29,56 @@ from tfvision.data.rle import coco_counts
 COLUMNS = ("instance_runs", "instance_classes", "instance_boxes", "instance_size")
 
 
+def instance_features(record) -> dict[str, np.ndarray]:
+    """One image's instances as the TFRecord ``instance/*`` features (`tfvision.data.features`)."""
+    from tfvision.data import features as F
+
+    runs = [coco_counts(rle) for rle in record.rles]
+    # toBbox reads the runs, no decode: [x, y, w, h] -> [x0, y0, x1, y1].
+    xywh = coco_mask.toBbox(record.rles).reshape(-1, 4) if record.rles else np.zeros((0, 4))
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32)
+    return {F.INSTANCE_RUNS: np.concatenate(runs).astype(np.int64) if runs else np.zeros(0, np.int64),
+            F.INSTANCE_RUN_LENGTHS: np.array([len(r) for r in runs], np.int64),
+            F.INSTANCE_CLASSES: np.asarray(record.classes, np.int64),
+            F.INSTANCE_BOXES: boxes.ravel()}
+
+
 def instance_columns(records) -> dict[str, tf.RaggedTensor | np.ndarray]:
     """Pipeline columns for a list of `ImageInstances`, one entry per image.
 
     Returns ``instance_runs`` [N, (n), (runs)] int32, ``instance_classes`` [N, (n)],
     ``instance_boxes`` [N, (n), 4] float32 (x0, y0, x1, y1) and ``instance_size`` [N, 2] (H, W).
     """
-    runs, run_lengths, classes, boxes = [], [], [], []
-    for r in records:
-        for rle in r.rles:
-            counts = coco_counts(rle)
-            runs.append(counts.astype(np.int32))
-            run_lengths.append(len(counts))
-        classes.append(np.asarray(r.classes, np.int32))
-        # toBbox reads the runs, no decode: [x, y, w, h] -> [x0, y0, x1, y1].
-        xywh = coco_mask.toBbox(r.rles).reshape(-1, 4) if r.rles else np.zeros((0, 4))
-        boxes.append(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1).astype(np.float32))
-    per_image = np.array([len(r.rles) for r in records], np.int64)
-    flat_runs = np.concatenate(runs) if runs else np.zeros(0, np.int32)
+    from tfvision.data import features as F
+
+    parts = [instance_features(r) for r in records]
+    per_image = np.array([len(p[F.INSTANCE_CLASSES]) for p in parts], np.int64)
+
+    def joined(key, dtype, shape=(-1,)):
+        values = [p[key] for p in parts]
+        return (np.concatenate(values) if values else np.zeros(0)).astype(dtype).reshape(shape)
+
     return {
         "instance_runs": tf.RaggedTensor.from_nested_row_lengths(
-            flat_runs, [per_image, np.array(run_lengths, np.int64)]),
-        "instance_classes": tf.RaggedTensor.from_row_lengths(np.concatenate(classes), per_image),
-        "instance_boxes": tf.RaggedTensor.from_row_lengths(np.concatenate(boxes), per_image),
+            joined(F.INSTANCE_RUNS, np.int32), [per_image, joined(F.INSTANCE_RUN_LENGTHS, np.int64)]),
+        "instance_classes": tf.RaggedTensor.from_row_lengths(joined(F.INSTANCE_CLASSES, np.int32), per_image),
+        "instance_boxes": tf.RaggedTensor.from_row_lengths(joined(F.INSTANCE_BOXES, np.float32, (-1, 4)),
+                                                           per_image),
         "instance_size": np.array([[r.height, r.width] for r in records], np.int32).reshape(-1, 2),
+    }
+
+
+def parsed_instances(parsed: dict) -> dict[str, tf.Tensor | tf.RaggedTensor]:
+    """The pipeline columns of one parsed record (`features.parse_spec(has_instances=True)`)."""
+    from tfvision.data import features as F
+
+    dense = {k: tf.sparse.to_dense(parsed[k]) for k in F.INSTANCE_KEYS}
+    return {
+        "instance_runs": tf.RaggedTensor.from_row_lengths(tf.cast(dense[F.INSTANCE_RUNS], tf.int32),
+                                                          dense[F.INSTANCE_RUN_LENGTHS]),
+        "instance_classes": tf.cast(dense[F.INSTANCE_CLASSES], tf.int32),
+        "instance_boxes": tf.reshape(dense[F.INSTANCE_BOXES], [-1, 4]),
+        "instance_size": tf.cast(tf.stack([parsed[F.HEIGHT], parsed[F.WIDTH]]), tf.int32),
     }
 
 

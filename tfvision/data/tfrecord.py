@@ -36,6 +36,7 @@ from tfvision.data import features as F
 from tfvision.data.check import probe, rejection_reason
 from tfvision.data.decode import describe_error, image_shape, is_jpeg, is_png
 from tfvision.data.inputs import Inputs, sample_weight
+from tfvision.data.instances import parsed_instances
 from tfvision.data.pipeline import PipelineSpec, dataset_stats, from_elements
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
@@ -63,7 +64,7 @@ def join(root: str, name: str) -> str:
 @dataclasses.dataclass
 class ShardJob:
     """One shard to write: its rows are (path, image_id, group, label, target, known, eval, fold,
-    mask path or None)."""
+    mask path or None, instance features or None)."""
 
     directory: str
     name: str
@@ -166,13 +167,14 @@ def _reason(path: str, channels: int) -> str:
 def encode_checked(row: tuple, data: bytes, hw, native: int, num_classes: int) -> tuple[bytes, np.ndarray | None]:
     """The record of a `ShardJob` row whose image passed the check: (serialized tf.Example,
     its mask's pixels per class or None). Raises `checked_mask`'s DataError for a bad mask."""
-    path, image_id, group, label, target, known, eval_target, fold, mask_path = row
+    path, image_id, group, label, target, known, eval_target, fold, mask_path, instances = row
     mask = counts = None
     if mask_path is not None:
         mask, counts = checked_mask(mask_path, hw, num_classes)
     return F.encode_example(
         image=data, height=hw[0], width=hw[1], channels=native, image_id=image_id, group=group,
-        label=label, target=target, fold=fold, known=known, eval_target=eval_target, mask=mask), counts
+        label=label, target=target, fold=fold, known=known, eval_target=eval_target, mask=mask,
+        instances=instances), counts
 
 
 def check_sample(row: tuple, channels: int, num_classes: int = 0):
@@ -275,7 +277,8 @@ def read_manifest(root: str) -> dict:
 
 def _spec_of(manifest: dict, keys=None) -> dict:
     return F.parse_spec(manifest["num_classes"], has_known=manifest["has_known"],
-                        has_eval=manifest["has_eval"], has_mask=manifest["has_mask"], keys=keys)
+                        has_eval=manifest["has_eval"], has_mask=manifest["has_mask"],
+                        has_instances=manifest.get("has_instances", False), keys=keys)
 
 
 def verify(root: str, progress: bool = True) -> tuple[list[str], int]:
@@ -458,7 +461,8 @@ class RecordInputs(Inputs):
 
     def _elements(self, split: str, *, training: bool, deterministic: bool, seed: int = 0,
                   worker: tuple[int, int] = (1, 0)):
-        spec = _spec_of(self.manifest, keys=(F.ENCODED, F.TARGET, F.KNOWN, F.MASK))
+        spec = _spec_of(self.manifest, keys=(F.ENCODED, F.TARGET, F.KNOWN, F.MASK, F.HEIGHT, F.WIDTH,
+                                             *F.INSTANCE_KEYS))
         train = split == "train"
         tier_of = tf.constant(self.tiers if train and self.tiers is not None else
                               np.zeros(len(self.class_names)), tf.int32)
@@ -479,6 +483,8 @@ class RecordInputs(Inputs):
                 out["weight"] = sample_weight(target, self.weights)
             if F.MASK in p:
                 out["mask_bytes"] = p[F.MASK]
+            if F.INSTANCE_RUNS in p:
+                out.update(parsed_instances(p))
             return out
 
         ds = self._records(split, training=training, deterministic=deterministic, seed=seed, worker=worker)
@@ -495,7 +501,8 @@ class RecordInputs(Inputs):
             ds = ds.cache()
         return from_elements(ds, spec, training=training, repeat=repeat, format_batch=format_batch,
                              size_hint=self.sizes[split] // worker[0],
-                             shard_policy=tf.data.experimental.AutoShardPolicy.OFF)
+                             shard_policy=tf.data.experimental.AutoShardPolicy.OFF,
+                             decode_targets=self.task.decode_targets)
 
     def targets(self, split):
         """What validation scores against (the task's eval targets), read from the shards
@@ -526,6 +533,8 @@ class RecordInputs(Inputs):
             "n_rejected": len(m["rejected"]), "rejected_fraction": len(m["rejected"]) / max(total, 1),
             "class_counts": m["class_counts"], "rejected": m["rejected"],
         }
+        if m.get("rejected_annotations"):
+            report["rejected_annotations"] = m["rejected_annotations"]
         write_json(os.path.join(run_dir, "data_report.json"), report)
         return report
 

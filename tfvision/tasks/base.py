@@ -104,6 +104,11 @@ class Task:
 
     decode_targets = None  # (element, window, size) -> element: see `tfvision.data.pipeline.from_elements`
 
+    def record_features(self, frame: pd.DataFrame) -> list[dict] | None:
+        """Per row, the task's own TFRecord features (`tfvision.data.features`), written by convert and
+        read back into the columns `decode_targets` takes; None: the task has none."""
+        return None
+
     def image_labels(self, targets: np.ndarray) -> np.ndarray:
         """Per-image labels from targets [N, K], for extract's features file (see `label_layout`)."""
         return (targets >= 0.5).astype(np.int64) if self.label_layout == "multi_hot" else targets.argmax(1)

@@ -52,7 +52,7 @@ class InstanceSegmentation(Task):
     name = "instance_segmentation"
     options = InstanceOptions
     losses = ("maskrcnn",)  # the model's own five losses (RPN score/box, box head class/box, mask)
-    sources = ("coco", "sartorius", "airbus")
+    sources = ("coco", "sartorius", "airbus", "tfrecord")
     mix = False
     label_layout = None
     sample_class_weights = False
@@ -107,7 +107,13 @@ class InstanceSegmentation(Task):
         return self._class_names
 
     def targets(self, frame, class_names):
-        return np.zeros((len(frame), 1), np.float32), None  # the instances are the targets
+        """Instances per class of each image: the class counts data reports and manifests show
+        (the instances themselves travel as `element_columns`)."""
+        by_path = self._instances()
+        counts = np.zeros((len(frame), len(class_names)), np.float32)
+        for i, path in enumerate(frame["path"]):
+            np.add.at(counts[i], by_path[path].classes, 1)
+        return counts, None
 
     def tiers(self, targets, class_tier):
         return np.zeros(len(targets), np.int32)
@@ -131,6 +137,12 @@ class InstanceSegmentation(Task):
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg, num_classes, norm):
         from tfvision.models.maskrcnn.model import MaskRCNN
+    def record_features(self, frame):
+        from tfvision.data.instances import instance_features
+
+        by_path = self._instances()
+        return [instance_features(by_path[p]) for p in frame["path"]]
+
 
         return MaskRCNN(num_classes, cfg.data.size, backbone=cfg.model.backbone, channels=cfg.data.channels,
                         weights=cfg.model.weights, config=self.model_config(cfg), seed=cfg.seed, name="maskrcnn")
