@@ -248,6 +248,8 @@ def test_albumentations_is_refused_with_accelerator_placement(tmp_path):
         load_config(cfg, ["augment.albumentations=null", "augment.placement=gpu"])
 
 
+# A CLI run in subprocesses (45-70 s on 2 loaded cores): with the user-path suites, -m configs.
+@pytest.mark.configs
 def test_training_run_on_two_replicas_saves_no_augmentation(small_digits, tmp_path):
     """The CLI trains with placement "accelerator" under MirroredStrategy on 2 logical CPUs; the
     best.keras it saves is the task's plain model: same layers as a fresh build, and its

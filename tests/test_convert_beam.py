@@ -35,6 +35,8 @@ def plant_broken(root: Path) -> None:
         root / "digits.csv", index=False)
 
 
+# A CLI run in subprocesses (45-70 s on 2 loaded cores): with the user-path suites, -m configs.
+@pytest.mark.configs
 def test_direct_runner_on_two_processes_writes_the_local_converters_records_and_manifest(
         small_digits, tmp_path, capsys):
     pytest.importorskip("apache_beam")
