@@ -265,15 +265,18 @@ def test_task_runs_train_evaluate_predict_export(name, tmp_path, request):
     exported = tmp_path / "export"
     export = ("-m", "tfvision.export", "--run", str(run), "--format", "all", "--verify", "--output", str(exported),
               "--n-images", "8")
-    if task.export_refusal:  # refused, clearly and before writing anything
-        r = run_cli(*export, timeout=600)
-        assert r.returncode == 2 and task.export_refusal in r.stderr and not exported.exists(), r.stderr[-2000:]
-        return
     _cli(*export)
     report = _load(exported / "export_report.json")
     assert report["verified"] and report["images"], report
     failed = [e for e in report["exports"] if not e["passed"]]
     assert report["passed"] and report["exports"] and not failed, failed or report
+    # A format the task's graph cannot be converted to is left out with its reason, never silently.
+    assert {e["format"] for e in report["exports"]} | {x["format"] for x in report["not_exported"]} == {
+        "savedmodel", "onnx", "tflite"}
+    assert {x["format"]: x["reason"] for x in report["not_exported"]} == task.unsupported_formats
+    for fmt, reason in task.unsupported_formats.items():  # asked for by name: refused, with the reason
+        r = run_cli(*export[:5], fmt, "--output", str(tmp_path / fmt), timeout=600)
+        assert r.returncode == 2 and reason in r.stderr and not (tmp_path / fmt).exists(), r.stderr[-2000:]
 
 
 def _val_data(task, run: Path, names: list[str]):

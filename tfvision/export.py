@@ -2,7 +2,12 @@
 
 Every artifact serves the same graph (see `tfvision.serving`): uint8 images
 [N, H, W, C] at any size in, resize and normalisation inside, probabilities
-(softmax or sigmoid, fitted temperature applied) and predicted labels out.
+(softmax or sigmoid, fitted temperature applied) and predicted labels out; or
+what the task's `Output` serves instead (instance segmentation: detections and
+masks at the input's size, `tfvision.tasks.detections`). A format the task's
+graph cannot be converted to (`Task.unsupported_formats`) is left out of
+``--format all`` and listed with its reason under ``not_exported`` in the
+report; asking for it by name is refused (exit 2).
 
     OUTPUT/                   (default RUN_DIR/export)
       savedmodel/             signatures serving_default (uint8 "image") and
@@ -18,8 +23,9 @@ export_report.json); any other folder is refused (exit 2), never deleted.
 
 ``--verify`` runs each artifact with its own runtime (``tf.saved_model.load``,
 ONNX Runtime, ``tf.lite.Interpreter``) on real images (the run's validation
-split unless ``--images``), compares probabilities with the Keras checkpoint
-and fails when an export differs by more than its threshold:
+split unless ``--images``), compares its answers with the Keras checkpoint's
+(`Output.compare`; detections: identical classes, boxes within 1e-3 px, mask
+IoU >= 0.99) and fails when an export differs by more than its threshold:
 
     float32 (every format)        max |p - p_keras| <= 1e-4
     float16 weights (ONNX/TFLite) max |p - p_keras| <= 1e-2
@@ -75,19 +81,31 @@ THRESHOLDS = {"float32": 1e-4, "float16": 1e-2, "dynamic": 0.15}
 # --------------------------------------------------------------------------- the run
 
 
-def load_float32_model(run_dir: Path):
-    """The best checkpoint in float32 (see `tfvision.models.checkpoint`), main output only."""
+def load_float32_model(run_dir: Path, custom_objects: dict | None = None):
+    """The best checkpoint in float32 (see `tfvision.models.checkpoint`), main output only;
+    `custom_objects`: the task's model classes (`Task.custom_objects`)."""
     import keras
 
     from tfvision.models.checkpoint import load_float32
 
-    model = load_float32(Path(run_dir) / "checkpoints" / "best.keras")
-    if len(model.outputs) > 1:  # deep supervision: serve the main output only
+    with keras.saving.CustomObjectScope(custom_objects or {}):
+        model = load_float32(Path(run_dir) / "checkpoints" / "best.keras")
+    # Deep supervision: serve the main output only. (A subclassed model, Mask R-CNN, has no `outputs`.)
+    if len(getattr(model, "outputs", None) or ()) > 1:
         model = keras.Model(model.input, model.get_layer("logits").output, name=model.name)
     return model
 
 
-def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:
+def run_task(run_dir: Path, info: dict):
+    """The run's task, configured by the run's config.json when it has one (an instance run's mask
+    threshold and minimum area, which its `Output` applies, are task options)."""
+    from tfvision.run import load_run_config
+
+    cfg = load_run_config(run_dir) if (Path(run_dir) / "config.json").is_file() else None
+    return get_task(info["task"], cfg)
+
+
+def _metadata(run_dir: Path, info: dict, rule: dict, output) -> dict:
     return {
         "tfvision_version": __version__, "run": str(Path(run_dir).resolve()), "task": info.get("task"),
         "class_names": info["class_names"], "activation": info["activation"],
@@ -95,7 +113,7 @@ def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:
         "image_size": info["image_size"], "channels": info["channels"],
         "inputs": {"image": "uint8 [N, H, W, C], any H and W; resized inside",
                    "image_bytes": "string [N], encoded JPEG/PNG (SavedModel serve_bytes only)"},
-        "outputs": get_task(info["task"]).output.describe(),
+        "outputs": output.describe(),
         "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -105,22 +123,24 @@ def _metadata(run_dir: Path, info: dict, rule: dict) -> dict:
 
 def export(run_dir: Path, formats: list[str], tmp: Path, *, float16=False, quantize=None,
            opset: int | None = None) -> tuple[list[dict], object, dict]:
-    """Write the requested artifacts into `tmp`; returns (report entries, float32 Keras model, run info)."""
+    """Write the requested artifacts into `tmp`; returns (report entries, float32 Keras model, run info
+    with the task's configured ``output`` and the exported ``rule``)."""
     import tensorflow as tf
 
     from tfvision import serving
 
     info = read_run(run_dir)
-    model = load_float32_model(run_dir)
+    task = run_task(run_dir, info)
+    model, output = load_float32_model(run_dir, task.custom_objects()), task.output
     module = serving.ServingModule(
-        model, image_size=info["image_size"], channels=info["channels"], output=get_task(info["task"]).output,
+        model, image_size=info["image_size"], channels=info["channels"], output=output,
         class_names=info["class_names"], temperature=info["temperature"], decision=info["decision"])
-    info["rule"] = module.rule.obj
+    info["rule"], info["output"] = module.rule.obj, output
     tuned = (info["decision"] or {}).get("kind")
     if tuned and tuned != info["rule"]["kind"]:  # e.g. class quotas, which need a whole batch
         log.warning("thresholds.json: the %r rule cannot run per request; exported labels use %r",
                     tuned, info["rule"]["kind"])
-    meta = _metadata(run_dir, info, info["rule"])
+    meta = _metadata(run_dir, info, info["rule"], output)
     write_text(tmp / "class_names.txt", "\n".join(info["class_names"]) + "\n")
     write_json(tmp / "export.json", meta)
     entries = []
@@ -230,87 +250,76 @@ def _same_size_batches(arrays: list[np.ndarray], batch: int = 16):
             yield idx[s : s + batch]
 
 
-def _run_all(call, arrays) -> list[np.ndarray]:
-    """Probabilities of `call(uint8 batch)` for every image, in input order (dense outputs have
+def _run_all(call, arrays) -> list:
+    """`call(uint8 batch)`'s per-image answers for every image, in input order (dense outputs have
     each image's own size, so this is a list)."""
     out = [None] * len(arrays)
     for idx in _same_size_batches(arrays):
-        probs = np.asarray(call(np.stack([arrays[i] for i in idx])), np.float32)
-        for i, p in zip(idx, probs, strict=True):
-            out[i] = p
+        for i, item in zip(idx, call(np.stack([arrays[i] for i in idx])), strict=True):
+            out[i] = item
     return out
 
 
-def reference(model, info: dict, arrays, raw) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Keras probabilities for the uint8 images and for the decoded bytes."""
+def reference(model, info: dict, output, arrays, raw) -> tuple[list, list]:
+    """Keras's answers (`Output.reference`) for the uint8 images and for the decoded bytes."""
     import tensorflow as tf
 
     from tfvision.data.decode import decode_resized
-    from tfvision.serving import logits_at_input_size
 
     size = tuple(info["image_size"])
-    output = get_task(info["task"]).output
 
-    def probs(logits):
-        return output.serve(logits, info["temperature"], info["rule"])[output.compared].numpy()
+    def keras(batch):
+        return output.reference(model, batch, size, info["temperature"], info["rule"])
 
-    from_uint8 = _run_all(lambda b: probs(logits_at_input_size(model, tf.cast(b, tf.float32), size)), arrays)
+    from_uint8 = _run_all(keras, arrays)
     decoded = np.stack([decode_resized(tf.constant(d), info["channels"], size).numpy() for d in raw])
-    from_bytes = [p for s in range(0, len(decoded), 16) for p in probs(model(decoded[s : s + 16], training=False))]
+    from_bytes = [p for s in range(0, len(decoded), 16) for p in keras(decoded[s : s + 16])]
     return from_uint8, from_bytes
 
 
-def runner(entry: dict, root: Path, key: str):
-    """A callable batch -> the float output `key` (the task's `Output.compared`), running the
-    artifact with its own runtime."""
+def runner(entry: dict, root: Path):
+    """A callable batch -> the artifact's named outputs as NumPy, run with its own runtime."""
     path = root / entry["path"]
     if entry["format"] == "savedmodel":
         import tensorflow as tf
 
         sig = tf.saved_model.load(str(path)).signatures[entry["signature"]]
-        if entry["signature"] == "serve_bytes":
-            return lambda b: sig(image_bytes=tf.constant(b))[key].numpy()
-        return lambda b: sig(image=tf.constant(b))[key].numpy()
+        name = "image_bytes" if entry["signature"] == "serve_bytes" else "image"
+        return lambda b: {k: v.numpy() for k, v in sig(**{name: tf.constant(b)}).items()}
     if entry["format"] == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda b: session.run([key], {"image": b})[0]
+        names = [o.name for o in session.get_outputs()]
+        return lambda b: dict(zip(names, session.run(names, {"image": b}), strict=True))
     from tfvision.serving import tflite_interpreter
 
     _, run = tflite_interpreter(path)
-    return lambda b: run(image=b)[key]
+    return lambda b: run(image=b)
 
 
 def verify(entries: list[dict], root: Path, model, info: dict, paths: list[str]) -> tuple[bool, list[dict]]:
-    """Fill max_abs_diff, top1_agreement, n_images and passed into each entry; returns whether
-    all passed, and the images left out because they do not decode."""
+    """Fill each entry with the task's comparison (`Output.compare`: max_abs_diff and top1_agreement
+    for probabilities), n_images and passed; returns whether all passed, and the images left out
+    because they do not decode."""
     arrays, raw, skipped = _load_images(paths, info["channels"])
-    output = get_task(info["task"]).output
-    ref_uint8, ref_bytes = reference(model, info, arrays, raw)
+    output = info["output"]
+    ref_uint8, ref_bytes = reference(model, info, output, arrays, raw)
     ok = True
     for e in entries:
-        call = runner(e, root, output.compared)
+        call = runner(e, root)
         if e.get("signature") == "serve_bytes":
-            got = [p for s in range(0, len(raw), 16) for p in call(raw[s : s + 16])]
+            got = [p for s in range(0, len(raw), 16) for p in output.split(call(raw[s : s + 16]))]
             ref = ref_bytes
         else:
-            got, ref = _run_all(call, arrays), ref_uint8
-        wrong = next(((g.shape, r.shape) for g, r in zip(got, ref, strict=True) if g.shape != r.shape), None)
-        if wrong:  # a failed export like any other: reported, and kept as OUTPUT.failed
-            e.update(max_abs_diff=None, top1_agreement=None, n_images=len(arrays), passed=False,
-                     error=f"output shape {wrong[0]}, Keras gives {wrong[1]}")
-            ok = False
-            log.error("%-10s %-16s %-8s %s", e["format"], e.get("signature", ""), e["precision"], e["error"])
-            continue
-        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
-        # top-1 per image, or per pixel for dense outputs
-        top1 = float(np.mean(np.concatenate([output.agree(g, r).ravel() for g, r in zip(got, ref, strict=True)])))
-        e.update(max_abs_diff=diff, top1_agreement=top1, n_images=len(arrays),
-                 passed=bool(all(np.isfinite(g).all() for g in got) and diff <= e["threshold"]))
+            got, ref = _run_all(lambda b, call=call: output.split(call(b)), arrays), ref_uint8
+        e.update(output.compare(got, ref, e["threshold"]), n_images=len(arrays))
         ok &= e["passed"]
-        log.info("%-10s %-16s %-8s max_abs_diff=%.3g top1_agreement=%.4f %s", e["format"],
-                 e.get("signature", ""), e["precision"], diff, top1, "ok" if e["passed"] else "FAILED")
+        if "error" in e:
+            log.error("%-10s %-16s %-8s %s", e["format"], e.get("signature", ""), e["precision"], e["error"])
+        else:
+            log.info("%-10s %-16s %-8s %s %s", e["format"], e.get("signature", ""), e["precision"],
+                     output.summary(e), "ok" if e["passed"] else "FAILED")
     return ok, skipped
 
 
@@ -351,9 +360,17 @@ def run(args) -> int:
     info = read_run(run_dir)  # fail fast, before TensorFlow loads
     from tfvision.tasks import get_task
 
-    refusal = get_task(info["task"]).export_refusal
-    if refusal:
-        raise UserError(f"export: {refusal}")
+    unsupported = get_task(info["task"]).unsupported_formats
+    if args.format in unsupported:
+        raise UserError(f"export: a {info['task']} run cannot be exported to {args.format}: "
+                        f"{unsupported[args.format]}")
+    left_out = [{"format": f, "reason": unsupported[f]} for f in formats if f in unsupported]
+    formats = [f for f in formats if f not in unsupported]
+    for f in left_out:
+        log.warning("%s: not exported: %s", f["format"], f["reason"])
+    if (args.float16 or args.quantize) and formats == ["savedmodel"]:
+        raise UserError(f"--float16 and --quantize apply to onnx and tflite exports, which a {info['task']} "
+                        "run cannot have")
     for folder in (output, output.with_name(output.name + ".failed")):
         claim_dir(folder, REPORT, _refusal(folder))
     if args.images:
@@ -370,7 +387,7 @@ def run(args) -> int:
         write_json(tmp / REPORT, {
             "run": str(run_dir.resolve()), "tfvision_version": __version__, "verified": bool(args.verify),
             "images": [p for p in paths if p not in {r["path"] for r in skipped}], "skipped_images": skipped,
-            "thresholds": THRESHOLDS, "passed": ok, "exports": entries})
+            "thresholds": THRESHOLDS, "passed": ok, "exports": entries, "not_exported": left_out})
         replace_dir(tmp, final, REPORT, _refusal(final))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

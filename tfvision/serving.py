@@ -66,11 +66,19 @@ def logits_at_input_size(model, images, image_size):
     One rule for every consumer of a dense model at the input's size: the exported graphs,
     their verification, and ``predict --volume`` (`tfvision.medical.volume_inference`).
     """
-    logits = model(tf.image.resize(images, image_size), training=False)
+    logits = model(resized(images, image_size), training=False)
     logits = logits[0] if isinstance(logits, (list, tuple)) else logits  # deep supervision: main output
-    if logits.shape.rank == 4:
+    if logits.shape.rank == 4 and tuple(logits.shape[1:3]) != tuple(images.shape[1:3]):
         logits = tf.image.resize(logits, tf.shape(images)[1:3])
     return logits
+
+
+def resized(images, image_size):
+    """`images` resized (bilinear) to `image_size`, unless their static shape already has that size
+    (the bytes signature's decoded batch): the resize would be an exact copy."""
+    if tuple(images.shape[1:3]) == tuple(image_size):
+        return images
+    return tf.image.resize(images, image_size)
 
 
 class ServingModule(tf.Module):
@@ -109,16 +117,13 @@ class ServingModule(tf.Module):
         self.serve_bytes = tf.function(self._serve_bytes, input_signature=[
             tf.TensorSpec([None], tf.string, name="image_bytes")])
 
-    def logits(self, images):
-        """float32 images [N, H, W, C] on 0..255 at any size -> logits (dense ones at H x W)."""
-        return logits_at_input_size(self.model, tf.cast(images, tf.float32), self.image_size)
-
     @property
     def model(self):
         return self._keras.obj
 
     def _serve(self, image):
-        return self.output.obj.serve(self.logits(image), self.temperature, self.rule.obj)
+        return self.output.obj.serve_images(self.model, tf.cast(image, tf.float32), self.image_size,
+                                            self.temperature, self.rule.obj)
 
     def _serve_bytes(self, image_bytes):
         size = self.image_size
@@ -129,7 +134,7 @@ class ServingModule(tf.Module):
 
         images = tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec(
             [size[0], size[1], self.channels], tf.float32))
-        return self.output.obj.serve(self.model(images, training=False), self.temperature, self.rule.obj)
+        return self.output.obj.serve_images(self.model, images, size, self.temperature, self.rule.obj)
 
 
 class _Untracked:
@@ -179,9 +184,13 @@ def freeze(fn: tf.types.experimental.ConcreteFunction) -> FrozenGraph:
     keys = sorted(fn.structured_outputs)
     outputs = {k: t.name for k, t in zip(keys, frozen.outputs, strict=True)}
     graph_def = _inline(graph_def, list(inputs.values()) + list(outputs.values()))
-    left = sorted({n.op for n in graph_def.node if n.op.endswith("PartitionedCall")})
-    if left or graph_def.library.function:
-        raise RuntimeError(f"could not inline every function of the serving graph (left: {left})")
+    # Functions may stay as the bodies of control flow (While, If: Mask R-CNN's batched proposal
+    # NMS), which both converters read; a call left uninlined is failure 1 again.
+    called = [n for n in graph_def.node if n.op.endswith("PartitionedCall")]
+    called += [n for f in graph_def.library.function for n in f.node_def if n.op.endswith("PartitionedCall")]
+    if called:
+        raise RuntimeError("could not inline every function of the serving graph (left: "
+                           f"{sorted({n.op for n in called})})")
     return FrozenGraph(graph_def, inputs, outputs, signature)
 
 

@@ -138,7 +138,10 @@ class Task:
     # are not one probability row per image; None: `tfvision.predict` tabulates `Output.columns`.
     predict_table = None
 
-    export_refusal: str | None = None  # why `tfvision.export` cannot export this task yet; None: it can
+    # ---- export -----------------------------------------------------------------------------
+    # Formats `tfvision.export` cannot convert this task's serving graph to, each with why (the failing
+    # op): `--format all` leaves them out and says so in export_report.json; asking for one is refused.
+    unsupported_formats: dict[str, str] = {}
 
     # ---- end-of-training summary ------------------------------------------------------------
     def summarize(self, targets: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:

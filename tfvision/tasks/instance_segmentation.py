@@ -31,6 +31,7 @@ from tfvision.config import opt
 from tfvision.data import instance_sources  # noqa: F401  (registers the coco, sartorius, airbus sources)
 from tfvision.errors import ConfigError, did_you_mean
 from tfvision.tasks.base import TASKS, Task
+from tfvision.tasks.detections import Detections
 
 
 @dataclass(kw_only=True)
@@ -56,10 +57,22 @@ class InstanceSegmentation(Task):
     mix = False
     label_layout = None
     sample_class_weights = False
-    # The serving graph (image bytes -> detections at the image's size) and its SavedModel/ONNX/TFLite
-    # verification are not written yet; predict serves the checkpoint meanwhile.
-    export_refusal = ("instance_segmentation runs cannot be exported yet (SavedModel/ONNX/TFLite of Mask R-CNN "
-                      "is still to come, issue 15); python -m tfvision.predict serves the checkpoint")
+    unsupported_formats = {
+        "onnx": "tf2onnx 1.17 converts CombinedNonMaxSuppression only with one box shared by every class "
+                "(Mask R-CNN's box head regresses a box per class: [B, K, C, 4]), and fails on the batched "
+                "proposal NMS (tf.image.non_max_suppression_padded's While/If bodies: 'Cannot find node with "
+                "output .../cond_2:2')",
+        "tflite": "CombinedNonMaxSuppression and CropAndResize (ROI-Align, mask paste) are not TFLite builtin "
+                  "ops (they need the Flex delegate), and TF 2.21's converter fails on the frozen graph's While "
+                  "bodies ('Attempting to add a duplicate function')",
+    }
+
+    @property
+    def output(self) -> Detections:
+        """Detections at each image's own size, with the run's mask threshold and minimum area: what
+        predict, evaluate and the exported graph answer (`tfvision.tasks.detections`)."""
+        o = self.cfg.task_options if self.cfg is not None else InstanceOptions()
+        return Detections(o.mask_threshold, o.min_area)
 
     # ---- config -----------------------------------------------------------------------------
     def check_config(self, cfg):
@@ -155,24 +168,7 @@ class InstanceSegmentation(Task):
 
         return {"MaskRCNN": MaskRCNN}
 
-    # ---- detections -------------------------------------------------------------------------
-    @staticmethod
-    def detections(found, b: int, image_size, options, model_size=None):
-        """One image's detections as NumPy, pasted at `image_size` (boxes scaled from `model_size`, the
-        model's input, when it differs), overlaps removed in score order: (masks [D, H, W] bool,
-        classes, scores, boxes)."""
-        from tfvision.instance_metrics import remove_overlaps
-        from tfvision.models.maskrcnn.detect import paste_masks
-
-        count = int(found["num_detections"][b])
-        boxes = np.asarray(found["boxes"][b, :count], np.float32)
-        if model_size is not None:
-            boxes = boxes * np.array([image_size[1] / model_size[1], image_size[0] / model_size[0]] * 2, np.float32)
-        probs = np.asarray(paste_masks(found["masks"][b:b + 1, :count], boxes[None], tuple(image_size)))[0]
-        scores = np.asarray(found["scores"][b, :count])
-        masks, kept = remove_overlaps(probs > options.mask_threshold, scores, options.min_area)
-        return masks, np.asarray(found["classes"][b, :count])[kept], scores[kept], boxes[kept]
-
+    # ---- detections (`Detections.detections`) ----------------------------------------------
     def predict_table(self, run, paths, batch_size, fmt):
         """Detections of image files at each file's own size: one CSV row per instance (an image with
         none gets one row with an empty mask), and the same as COCO results."""
@@ -186,7 +182,7 @@ class InstanceSegmentation(Task):
         from tfvision.run import load_run_config
 
         cfg = load_run_config(run.run_dir)
-        options = cfg.task_options
+        output = type(self)(cfg).output
         id_column, rle_column, naming, order = SUBMISSION[cfg.data.source]
         detect = tf.function(lambda x: run.model(x, training=False), reduce_retracing=True)
         found_by_index = {}
@@ -195,7 +191,7 @@ class InstanceSegmentation(Task):
             for b, j in enumerate(index.numpy()):
                 with Image.open(paths[j]) as im:
                     size = (im.height, im.width)
-                found_by_index[int(j)] = self.detections(found, b, size, options, run.image_size)
+                found_by_index[int(j)] = output.detections(found, b, size, run.image_size)
         rows, results, errors = [], [], []
         for j, path in enumerate(paths):
             name = Path(path).stem if naming == "stem" else Path(path).name
@@ -237,7 +233,7 @@ class InstanceSegmentation(Task):
                 present = targets["classes"][b].numpy() >= 0
                 gt_masks.append(targets["masks"][b].numpy()[present] > 0)
                 gt_classes.append(targets["classes"][b].numpy()[present])
-                predicted.append(self.detections(found, b, tuple(images.shape[1:3]), self.cfg.task_options))
+                predicted.append(self.output.detections(found, b, tuple(images.shape[1:3])))
         ap = coco_ap(gt_masks, gt_classes, *(list(p) for p in zip(*predicted, strict=True)),
                      max_detections=self.cfg.task_options.max_detections)
         ap = {k.lower(): (None if np.isnan(v) else float(v)) for k, v in ap.items()}

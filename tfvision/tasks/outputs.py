@@ -66,6 +66,43 @@ class Output:
         ``top1_agreement``; reported, not gated): the same top class, per image or per pixel."""
         return got.argmax(-1) == ref.argmax(-1)
 
+    # ---- export: the serving graph and --verify -----------------------------------------------
+    def serve_images(self, model, images, image_size, temperature: float, rule: dict) -> dict:
+        """The serving graph's named outputs for float32 images [N, H, W, C] (0..255) at any size,
+        run by the model at `image_size` (`serving.logits_at_input_size`: dense answers at H x W)."""
+        from tfvision.serving import logits_at_input_size
+
+        return self.serve(logits_at_input_size(model, images, image_size), temperature, rule)
+
+    def split(self, outputs: dict) -> list:
+        """A batch of served outputs (NumPy, by name) -> what `compare` compares, per image."""
+        return list(np.asarray(outputs[self.compared], np.float32))
+
+    def reference(self, model, images, image_size, temperature: float, rule: dict) -> list:
+        """Keras's answers for a batch of images (uint8 or float, any size), per image, as `split`
+        gives an exported artifact's."""
+        import tensorflow as tf
+
+        served = self.serve_images(model, tf.cast(images, tf.float32), image_size, temperature, rule)
+        return self.split({k: v.numpy() for k, v in served.items()})
+
+    def compare(self, got: list, ref: list, threshold: float) -> dict:
+        """``--verify``'s verdict on one artifact, per image `got` against Keras's `ref`: report
+        fields plus ``passed`` (max |p - p_keras| within `threshold`, all finite)."""
+        wrong = next(((g.shape, r.shape) for g, r in zip(got, ref, strict=True) if g.shape != r.shape), None)
+        if wrong:  # a failed export like any other: reported, and kept as OUTPUT.failed
+            return {"max_abs_diff": None, "top1_agreement": None, "passed": False,
+                    "error": f"output shape {wrong[0]}, Keras gives {wrong[1]}"}
+        diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
+        # top-1 per image, or per pixel for dense outputs
+        top1 = float(np.mean(np.concatenate([self.agree(g, r).ravel() for g, r in zip(got, ref, strict=True)])))
+        return {"max_abs_diff": diff, "top1_agreement": top1,
+                "passed": bool(all(np.isfinite(g).all() for g in got) and diff <= threshold)}
+
+    def summary(self, result: dict) -> str:
+        """One log line of `compare`'s result."""
+        return f"max_abs_diff={result['max_abs_diff']:.3g} top1_agreement={result['top1_agreement']:.4f}"
+
     def label(self, decided, class_names: list[str]) -> str:
         """predict's ``pred`` column for one image."""
         return class_names[int(decided)]

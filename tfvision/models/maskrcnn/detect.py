@@ -52,14 +52,14 @@ def paste_masks(masks, boxes, image_size):
     detections; the "box" it crops is the image's extent in mask-cell coordinates.
     """
     batch, count, size = masks.shape[0] or ops.shape(masks)[0], masks.shape[1], masks.shape[2]
-    height, width = image_size
+    height, width = image_size  # ints, or int32 scalars (the serving graph: each request's own size)
+    h, w = ops.cast(height, "float32"), ops.cast(width, "float32")
     boxes = ops.reshape(ops.cast(boxes, "float32"), (-1, 4))
     x0, y0, x1, y1 = (boxes[:, i] for i in range(4))
     cells_x = size / ops.maximum(x1 - x0, 1e-3)
     cells_y = size / ops.maximum(y1 - y0, 1e-3)
-    image_in_cells = ops.stack([-x0 * cells_x, -y0 * cells_y, (width - x0) * cells_x, (height - y0) * cells_y],
-                               axis=-1)
-    crops = crop_boxes(image_in_cells, (size, size), (height, width))
+    image_in_cells = ops.stack([-x0 * cells_x, -y0 * cells_y, (w - x0) * cells_x, (h - y0) * cells_y], axis=-1)
+    crops = crop_boxes(image_in_cells, (size, size), (h, w))
     flat = ops.reshape(ops.cast(masks, "float32"), (-1, size, size, 1))
     pasted = tf.image.crop_and_resize(flat, crops, ops.arange(ops.shape(flat)[0], dtype="int32"),
                                       (height, width), extrapolation_value=0.0)
