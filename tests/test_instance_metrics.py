@@ -186,6 +186,23 @@ def test_coco_ap_equals_pycocotools_called_directly():
         assert 0.05 < theirs[0] < 0.95  # a score with something to disagree about
 
 
+def test_coco_ap_at_another_detection_limit_is_defined():
+    """pycocotools' summarize() reads AP at maxDets=100 only (2.0.11), so at a limit of 30 its AP
+    line is -1; ours comes from the accumulated precision and equals the AP at 100 when no image
+    has more detections than either limit."""
+    rng = np.random.default_rng(5)
+    gt = [overlapping_shapes(), coin_instances()[:12]]
+    classes = [np.arange(3), np.zeros(12, int)]
+    pred = [perturbed(rng, m) for m in gt]
+    scores = [rng.random(len(p)) for p in pred]
+    pred_classes = [np.resize(c, len(p)) for c, p in zip(classes, pred, strict=True)]
+    assert max(len(p) for p in pred) <= 30
+    at_30 = coco_ap(gt, classes, pred, pred_classes, scores, max_detections=30)
+    at_100 = coco_ap(gt, classes, pred, pred_classes, scores, max_detections=100)
+    assert not any(np.isnan(v) for v in at_30.values())
+    assert at_30 == pytest.approx(at_100, abs=1e-12)
+
+
 def test_coco_ap_without_predictions_is_zero_and_without_ground_truth_nan():
     gt = [overlapping_shapes()]
     none = [np.zeros((0, 40, 50), bool)]

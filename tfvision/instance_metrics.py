@@ -197,8 +197,17 @@ def _coco_eval(gt_dataset: dict, detections: list[dict], iou_type: str, max_dete
         evaluator.params.maxDets = [1, 10, max_detections]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    return [float("nan") if v < 0 else float(v) for v in evaluator.stats[:3]]
+    # Read the accumulated precision rather than `summarize()`'s stats: its AP line asks for
+    # maxDets=100 whatever params.maxDets says (pycocotools 2.0.11), so at any other limit COCO's
+    # AP came out -1 while AP50 and AP75 were right. The means below are summarize()'s own.
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [IoU, recall, class] at area "all"
+    thresholds = evaluator.params.iouThrs
+
+    def mean(values):
+        values = values[values > -1]
+        return float(values.mean()) if values.size else float("nan")
+
+    return [mean(precision), *(mean(precision[np.isclose(thresholds, t)]) for t in (0.5, 0.75))]
 
 
 def _empty_results(gt: COCO) -> COCO:
