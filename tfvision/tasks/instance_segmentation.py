@@ -63,8 +63,9 @@ class InstanceSegmentation(Task):
                 "proposal NMS (tf.image.non_max_suppression_padded's While/If bodies: 'Cannot find node with "
                 "output .../cond_2:2')",
         "tflite": "CombinedNonMaxSuppression and CropAndResize (ROI-Align, mask paste) are not TFLite builtin "
-                  "ops (they need the Flex delegate), and TF 2.21's converter fails on the frozen graph's While "
-                  "bodies ('Attempting to add a duplicate function')",
+                  "ops ('neither a custom op nor a flex op'); with SELECT_TF_OPS the graph converts, but "
+                  "tf.lite.Interpreter in TF 2.21's pip package has no Flex delegate to run it ('FlexCropAndResize "
+                  "failed to prepare')",
     }
 
     @property
