@@ -20,6 +20,20 @@ from keras import ops
 from tfvision.seg_losses import one_hot_and_valid
 
 
+def _count_dtype() -> str:
+    """float64: float32 counts stop being exact past 2**24 pixels (~64 CT slices of 512x512).
+
+    JAX keeps no float64 unless ``jax_enable_x64`` is set (off by default: JAX 0.10 truncates a
+    float64 array to float32 with a warning, under a Keras variable that says float64), so there
+    the counts are float32, exact up to 2**24 pixels per class and nearly so beyond.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
 class _OverlapScore(keras.metrics.Metric):
     """Accumulates per-class |P & T|, |P| and |T| from logits and integer (or one-hot) masks."""
 
@@ -31,10 +45,10 @@ class _OverlapScore(keras.metrics.Metric):
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.include_background = bool(include_background)
         shape = (self.num_classes,)
-        # float64: float32 counts stop being exact past 2**24 pixels (~64 CT slices of 512x512).
-        self.intersection = self.add_variable(shape, "zeros", name="intersection", dtype="float64")
-        self.predicted = self.add_variable(shape, "zeros", name="predicted", dtype="float64")
-        self.actual = self.add_variable(shape, "zeros", name="actual", dtype="float64")
+        c = _count_dtype()
+        self.intersection = self.add_variable(shape, "zeros", name="intersection", dtype=c)
+        self.predicted = self.add_variable(shape, "zeros", name="predicted", dtype=c)
+        self.actual = self.add_variable(shape, "zeros", name="actual", dtype=c)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         target, valid = one_hot_and_valid(y_true, self.num_classes, self.ignore_index)
@@ -44,7 +58,7 @@ class _OverlapScore(keras.metrics.Metric):
             target, pred = target * w, pred * w
 
         def total(x):
-            return ops.cast(ops.sum(x, axis=(0, 1, 2)), "float64")
+            return ops.cast(ops.sum(x, axis=(0, 1, 2)), self.intersection.dtype)
 
         self.intersection.assign_add(total(target * pred))
         self.predicted.assign_add(total(pred))
@@ -61,12 +75,12 @@ class _OverlapScore(keras.metrics.Metric):
         if not self.include_background:
             scores = scores[1:]
         present = ops.logical_not(ops.isnan(scores))
-        mean = ops.sum(ops.where(present, scores, 0.0)) / ops.sum(ops.cast(present, "float64"))
+        mean = ops.sum(ops.where(present, scores, 0.0)) / ops.sum(ops.cast(present, self.intersection.dtype))
         return ops.cast(mean, "float32")
 
     def reset_state(self):
         for v in (self.intersection, self.predicted, self.actual):
-            v.assign(ops.zeros_like(v))
+            v.assign(ops.zeros(v.shape, v.dtype))  # ops.zeros_like(v) fails on a variable under JAX 0.10
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
