@@ -138,6 +138,12 @@ class InstanceSegmentation(Task):
         by_path = self._instances()
         return instance_columns([by_path[p] for p in frame["path"]])
 
+    def record_features(self, frame):
+        from tfvision.data.instances import instance_features
+
+        by_path = self._instances()
+        return [instance_features(by_path[p]) for p in frame["path"]]
+
     def decode_targets(self, element, window, size):
         from tfvision.data.instances import decode_instances
 
@@ -151,12 +157,6 @@ class InstanceSegmentation(Task):
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg, num_classes, norm):
         from tfvision.models.maskrcnn.model import MaskRCNN
-    def record_features(self, frame):
-        from tfvision.data.instances import instance_features
-
-        by_path = self._instances()
-        return [instance_features(by_path[p]) for p in frame["path"]]
-
 
         return MaskRCNN(num_classes, cfg.data.size, backbone=cfg.model.backbone, channels=cfg.data.channels,
                         weights=cfg.model.weights, config=self.model_config(cfg), seed=cfg.seed, name="maskrcnn")
