@@ -58,10 +58,10 @@ class InstanceSegmentation(Task):
     label_layout = None
     sample_class_weights = False
     unsupported_formats = {
-        "onnx": "tf2onnx 1.17 converts CombinedNonMaxSuppression only with one box shared by every class "
-                "(Mask R-CNN's box head regresses a box per class: [B, K, C, 4]), and fails on the batched "
-                "proposal NMS (tf.image.non_max_suppression_padded's While/If bodies: 'Cannot find node with "
-                "output .../cond_2:2')",
+        "onnx": "tf2onnx 1.17 cannot bind the If/While bodies of the batched proposal NMS "
+                "(tf.image.non_max_suppression_padded: 'Parameter count mismatch while binding controlflow', "
+                "with one class as with several), and converts CombinedNonMaxSuppression only with one box "
+                "shared by every class (Mask R-CNN's box head regresses a box per class: [B, K, C, 4])",
         "tflite": "CombinedNonMaxSuppression and CropAndResize (ROI-Align, mask paste) are not TFLite builtin "
                   "ops ('neither a custom op nor a flex op'); with SELECT_TF_OPS the graph converts, but "
                   "tf.lite.Interpreter in TF 2.21's pip package has no Flex delegate to run it ('FlexCropAndResize "
