@@ -85,6 +85,8 @@ def _fake_run(root, model):
     return root
 
 
+# The export command end to end (about 50 s on 2 loaded cores): with the user-path suites, -m configs.
+@pytest.mark.configs
 def test_export_verify_savedmodel_and_say_which_formats_cannot(model, tmp_path, capsys):
     run = _fake_run(tmp_path / "run", model)
     assert main(["--run", str(run), "--format", "onnx"]) == 2  # asked for: refused, with why
