@@ -186,7 +186,7 @@ def test_demo_on_jax_matches_tensorflow_and_exports_on_tensorflow(tmp_path, digi
     """The demo on 2 fake devices reaches TensorFlow's accuracy; the run folder has TensorFlow's
     files; its best.keras exports through the TensorFlow backend with --verify passing."""
     jax_run, tf_run = tmp_path / "jax", tmp_path / "tf"
-    epochs = ['train.phases=[{"epochs": 3, "trainable": "all"}]', "train.batch_size=32"]
+    epochs = ['train.phases=[{"epochs": 2, "trainable": "all"}]', "train.batch_size=32"]
     metrics = train(digits_root, jax_run, *epochs, "train.strategy=jax", env=JAX_ENV)
     assert metrics["val_accuracy"] > 0.9, metrics
     run = json.loads((jax_run / "run.json").read_text())
