@@ -230,3 +230,22 @@ def test_demo_on_two_devices_matches_one_device_at_the_same_global_batch(tmp_pat
     assert max(diff.values()) < 2e-2, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["replicas"] == 2
     assert json.loads((tmp_path / "one" / "run.json").read_text())["replicas"] == 1
+
+
+@pytest.mark.configs
+def test_unet_segmentation_config_trains_on_jax(tmp_path):
+    """tests/test_segmentation.py's U-Net config (MNI brain slices) on 2 fake devices: Dice and IoU
+    from the same metrics, scored into metrics.json as with TensorFlow."""
+    pytest.importorskip("nilearn.datasets")
+    from tests import layouts
+    from tests.test_segmentation import _config
+
+    root = layouts.mni_volumes(tmp_path / "mni").root
+    run = tmp_path / "run"
+    out = run_cli("-m", "tfvision.train", "--config", str(_config(root, tmp_path)), "--output-dir", str(run),
+                  "--quiet", "--set", "train.strategy=jax", "train.batch_size=4", env=JAX_ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    print("U-Net on JAX:", {k: metrics[k] for k in ("val_dice_macro", "val_iou_macro")})
+    assert set(metrics["val_dice_per_class"]) == {"background", "brain"}
+    assert metrics["val_dice_per_class"]["brain"] > 0.8, metrics
