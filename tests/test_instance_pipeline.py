@@ -308,3 +308,85 @@ def test_learns_overlapping_shapes_through_the_pipeline(tmp_path):
     scores = task.score(model, inputs.dataset("val", spec, training=False, format_batch=task.format_batch),
                         inputs, "val")
     assert scores["segm_ap50"] >= 0.7 and scores["bbox_ap50"] >= 0.8, scores
+
+
+def _boxes_as_detections(dataset):
+    """A stand-in detector for scoring tests: for each batch of `dataset`, in order, its ground-truth
+    boxes (model size) as detections, each with a full 28 x 28 mask, so the pasted masks are the
+    boxes. A tf.Variable steps through the batches, as the score's tf.function calls it once a batch."""
+    batches = []
+    for _, targets in dataset:
+        classes = targets["classes"].numpy()
+        order = np.argsort(classes < 0, axis=1, kind="stable")  # present instances first
+        present = np.take_along_axis(classes >= 0, order, 1)
+        boxes = np.take_along_axis(targets["boxes"].numpy(), order[..., None], 1)
+        # Scores from the boxes themselves: COCO's AP breaks ties by image order, and the shards
+        # hold the images in another order than the files.
+        x0, y0, x1, y1 = np.moveaxis(boxes, -1, 0)
+        area = (x1 - x0) * (y1 - y0) / (64 * 64)
+        batches.append({"boxes": boxes, "classes": np.maximum(np.take_along_axis(classes, order, 1), 0),
+                        "scores": np.where(present, 0.5 + 0.4 * area + 1e-3 * x0 + 1e-5 * y0, 0.0),
+                        "num_detections": present.sum(1).astype(np.int32),
+                        "masks": np.ones(classes.shape + (28, 28), np.float32)})
+    stacked = {k: tf.constant(np.stack([b[k] for b in batches])) for k in batches[0]}
+    step = tf.Variable(0)
+
+    def detector(images, training=False):
+        i = step.assign_add(1) - 1
+        return {k: v[i] for k, v in stacked.items()}
+    return detector
+
+
+def test_scores_at_each_images_own_size_from_files_and_shards(tmp_path):
+    """Validation is scored at each image's own size (64 x 96 here) while the model sees 64 x 64:
+    the task's score equals pycocotools and the NumPy sweeps fed the annotations' own masks and the
+    detections pasted back at 64 x 96, image by image; and shards score exactly as the files do."""
+    from tfvision.convert import main as convert
+    from tfvision.data.conversion import read_table
+    from tfvision.data.inputs import FileInputs
+    from tfvision.data.rle import from_coco
+    from tfvision.data.tfrecord import RecordInputs
+    from tfvision.instance_metrics import airbus_f2, coco_ap, kaggle_iou_sweep
+    from tfvision.tasks import get_task
+
+    layout = layouts.sartorius(tmp_path, n_images=12, size=(64, 96))
+    raw = _config(layout.root, source="sartorius", csv="train.csv", label_column="cell_type",
+                  split={"method": "random", "val_fraction": 0.34})
+    raw["data"]["image_size"] = [64, 64]
+    raw["augment"] = {"enabled": False}
+    raw["train"] = {"batch_size": 2}
+    cfg = config_from_dict(raw)
+    task = get_task(cfg.task, cfg)
+    spec = PipelineSpec.from_config(cfg)
+    files = FileInputs(cfg, task, read_table(cfg)[0])
+
+    def val(inputs):
+        return inputs.dataset("val", spec, training=False, format_batch=task.format_batch)
+
+    scores = task.score(_boxes_as_detections(val(files)), val(files), files, "val")
+
+    truth = [task._instances()[p] for p in files.frames["val"]["path"]]
+    assert len(truth) == 4 and all((t.height, t.width) == (64, 96) for t in truth)
+    gt_masks = [np.array([from_coco(r) for r in t.rles]) for t in truth]
+    detector, predicted = _boxes_as_detections(val(files)), []
+    for images, _ in val(files):
+        found = {k: v.numpy() for k, v in detector(images).items()}
+        predicted += [task.output.detections(found, b, (64, 96), (64, 64)) for b in range(len(images))]
+    assert all(p[0].shape[1:] == (64, 96) for p in predicted)
+    masks, classes, confidence, boxes = (list(x) for x in zip(*predicted, strict=True))
+    expected = {k.lower(): v for k, v in coco_ap(gt_masks, [t.classes for t in truth], masks, classes, confidence,
+                                                 boxes, max_detections=100).items()}
+    expected.update(iou_sweep=kaggle_iou_sweep(gt_masks, masks, confidence),
+                    f2_sweep=airbus_f2(gt_masks, masks, confidence))
+    assert scores == pytest.approx(expected, abs=1e-12)
+    # Boxes for shapes: right boxes and classes, masks only roughly (a disc fills 79% of its box).
+    assert scores["bbox_ap50"] > 0.9 and 0.1 < scores["segm_ap50"] < 1
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(raw))
+    shards = tmp_path / "shards"
+    assert convert(["--config", str(path), "--output", str(shards)]) == 0
+    on_shards = config_from_dict({**raw, "data": {**raw["data"], "source": "tfrecord", "root": str(shards)}})
+    records = RecordInputs(on_shards, get_task(cfg.task, on_shards))
+    assert task.score(_boxes_as_detections(val(records)), val(records), records, "val") == pytest.approx(
+        scores, abs=1e-12)

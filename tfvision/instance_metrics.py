@@ -32,8 +32,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tfvision.data.instance_annotations import boxes_from_masks
-from tfvision.data.rle import coco_rles, to_coco
+from tfvision.data.rle import coco_rles
 
 # Rounded: linspace gives 0.8999999999999999, and an IoU of exactly 0.9 would pass "above 0.9".
 IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
@@ -76,12 +75,17 @@ def _image_sweep(gt, pred, scores, beta) -> float:
     gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
     if len(gt) and len(pred) and gt.shape[1:] != pred.shape[1:]:
         raise ValueError(f"ground truth is {gt.shape[1:]} but predictions are {pred.shape[1:]}")
-    if not len(gt) or not len(pred):
-        return float(len(gt) == len(pred))  # both empty: 1; objects on one side only: 0
-    iou = mask_iou(gt, pred)
+    return _sweep(mask_iou(gt, pred), scores, beta)
+
+
+def _sweep(iou: np.ndarray, scores, beta) -> float:
+    """One image's sweep score from the IoU of its ground truth (rows) and predictions (columns)."""
+    n_gt, n_pred = iou.shape
+    if not n_gt or not n_pred:
+        return float(n_gt == n_pred)  # both empty: 1; objects on one side only: 0
     order = np.argsort(-np.asarray(scores, float), kind="stable")
     tp = np.array([_matches(iou, order, t) for t in IOU_THRESHOLDS], dtype=float)
-    fp, fn = len(pred) - tp, len(gt) - tp
+    fp, fn = n_pred - tp, n_gt - tp
     if beta is None:
         return float(np.mean(tp / (tp + fp + fn)))
     b2 = beta * beta
@@ -130,57 +134,98 @@ def coco_ap(gt_masks, gt_classes, pred_masks, pred_classes, pred_scores, pred_bo
     n = len(gt_masks)
     if not n == len(gt_classes) == len(pred_masks) == len(pred_classes) == len(pred_scores):
         raise ValueError("every argument needs one entry per image")
-    gt = _coco_ground_truth(gt_masks, gt_classes, [None] * n if gt_crowd is None else gt_crowd)
-    results = {}
-    for iou_type in ("bbox", "segm"):
-        detections = []
-        for image_id, (masks, classes, scores, boxes) in enumerate(
-                zip(pred_masks, pred_classes, pred_scores, [None] * n if pred_boxes is None else pred_boxes,
-                    strict=True), 1):
-            detections += _coco_detections(image_id, masks, classes, scores, boxes, iou_type)
-        stats = _coco_eval(gt, detections, iou_type, max_detections)
-        results.update({f"{iou_type}_{k}": v for k, v in zip(("AP", "AP50", "AP75"), stats, strict=True)})
-    return results
+    scores = InstanceScores(max_detections)
+    for args in zip(gt_masks, gt_classes, pred_masks, pred_classes, pred_scores,
+                    [None] * n if pred_boxes is None else pred_boxes, [None] * n if gt_crowd is None else gt_crowd,
+                    strict=True):
+        scores.add(*args)
+    return scores.coco_ap()
+
+
+class InstanceScores:
+    """COCO AP and the IoU sweeps, added one image at a time.
+
+    Each image is kept as COCO RLEs, never as dense masks, so a whole validation split at
+    its images' own size fits in memory (a Sartorius image: 520 x 704 pixels, hundreds of
+    cells). Ground truth may arrive as RLEs straight from the annotations, never decoded.
+
+    >>> square = np.zeros((1, 8, 8), bool); square[0, 2:6, 2:6] = True
+    >>> scores = InstanceScores(); scores.add(square, [0], square, [0], [0.9])
+    >>> scores.sweep(), round(scores.coco_ap()["segm_AP"], 6)
+    (1.0, 1.0)
+    """
+
+    def __init__(self, max_detections: int = 100):
+        self.max_detections = max_detections
+        self.images, self.annotations, self.classes = [], [], set()
+        self.detections = {"bbox": [], "segm": []}
+        self.sweeps = {None: [], 2.0: []}  # beta: per-image scores (None: TP/(TP+FP+FN), 2: Airbus' F2)
+
+    def add(self, gt, gt_classes, pred, pred_classes, pred_scores, pred_boxes=None, gt_crowd=None,
+            size=None) -> None:
+        """One image. `gt`, `pred`: [N, H, W] masks or lists of COCO RLEs; `size` (H, W) is needed
+        only when both are empty RLE lists. `pred_boxes` [M, 4] x0, y0, x1, y1, or None (from the
+        masks); `gt_crowd` [N] iscrowd flags, or None."""
+        (gt, gt_size), (pred, pred_size) = _rles(gt), _rles(pred)
+        size = size or gt_size or pred_size
+        if size is None:
+            raise ValueError("an image with no masks on either side needs its size")
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "height": int(size[0]), "width": int(size[1])})
+        crowd = np.zeros(len(gt), bool) if gt_crowd is None else np.asarray(gt_crowd, bool)
+        for rle, label, box, is_crowd in zip(gt, gt_classes, _rle_boxes(gt), crowd, strict=True):
+            self.classes.add(int(label))
+            self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id,
+                                     "category_id": int(label) + 1, "segmentation": _json_rle(rle),
+                                     "area": float(coco_mask.area(rle)), "bbox": box.tolist(),
+                                     "iscrowd": int(is_crowd)})
+        boxes = _rle_boxes(pred) if pred_boxes is None else _xywh(pred_boxes)
+        for rle, label, score, box in zip(pred, pred_classes, pred_scores, boxes, strict=True):
+            common = {"image_id": image_id, "category_id": int(label) + 1, "score": float(score)}
+            self.detections["segm"].append({**common, "segmentation": _json_rle(rle)})
+            self.detections["bbox"].append({**common, "bbox": box.tolist()})
+        iou = (np.asarray(coco_mask.iou(gt, pred, [0] * len(pred)), float).reshape(len(gt), len(pred))
+               if len(gt) and len(pred) else np.zeros((len(gt), len(pred))))
+        for beta, values in self.sweeps.items():
+            values.append(_sweep(iou, pred_scores, beta))
+
+    def sweep(self, beta: float | None = None) -> float:
+        """Mean per-image sweep score: `kaggle_iou_sweep` (beta None) or `airbus_f2` (beta 2)."""
+        return float(np.mean(self.sweeps[beta]))
+
+    def coco_ap(self) -> dict[str, float]:
+        """As `coco_ap` returns, over the images added so far."""
+        gt = {"images": self.images, "annotations": self.annotations,
+              "categories": [{"id": c + 1, "name": str(c)} for c in sorted(self.classes)]}
+        results = {}
+        for iou_type, detections in self.detections.items():
+            stats = _coco_eval(gt, detections, iou_type, self.max_detections)
+            results.update({f"{iou_type}_{k}": v for k, v in zip(("AP", "AP50", "AP75"), stats, strict=True)})
+        return results
+
+
+def _rles(masks) -> tuple[list[dict], tuple[int, int] | None]:
+    """(compressed COCO RLEs, (H, W) or None) of [N, H, W] masks or of a list of RLEs."""
+    if isinstance(masks, list | tuple) and all(isinstance(m, dict) for m in masks):
+        return list(masks), (tuple(int(v) for v in masks[0]["size"]) if masks else None)
+    masks = np.asarray(masks, bool)
+    return coco_rles(masks), (masks.shape[1:] if masks.ndim == 3 else None)
+
+
+def _rle_boxes(rles: list[dict]) -> np.ndarray:
+    """[N, 4] x, y, w, h at pixel edges, as pycocotools' toBbox reads them from the runs."""
+    return coco_mask.toBbox(rles).reshape(-1, 4) if rles else np.zeros((0, 4))
+
+
+def _json_rle(rle: dict) -> dict:
+    """COCO JSON wants the compressed counts as str."""
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.decode() if isinstance(counts, bytes) else counts}
 
 
 def _xywh(boxes) -> np.ndarray:
     boxes = np.asarray(boxes, float).reshape(-1, 4)
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-
-
-def _coco_ground_truth(gt_masks, gt_classes, gt_crowd) -> dict:
-    """A COCO instances dataset: RLE counts as str (JSON-ready), ``area`` = mask area,
-    ``bbox`` from the mask, ids from 1 (COCOeval records a match as the ground
-    truth's id, and id 0 reads as "unmatched")."""
-    images, annotations, classes = [], [], set()
-    for image_id, (masks, labels, crowd) in enumerate(zip(gt_masks, gt_classes, gt_crowd, strict=True), 1):
-        masks = np.asarray(masks, bool)
-        images.append({"id": image_id, "height": masks.shape[1], "width": masks.shape[2]})
-        crowd = np.zeros(len(masks), bool) if crowd is None else np.asarray(crowd, bool)
-        for mask, label, box, is_crowd in zip(masks, labels, _xywh(boxes_from_masks(masks)), crowd,
-                                              strict=True):
-            classes.add(int(label))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": int(label) + 1, "segmentation": to_coco(mask),
-                                "area": float(mask.sum()), "bbox": box.tolist(),
-                                "iscrowd": int(is_crowd)})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": c + 1, "name": str(c)} for c in sorted(classes)]}
-
-
-def _coco_detections(image_id, masks, classes, scores, boxes, iou_type) -> list[dict]:
-    masks = np.asarray(masks, bool)
-    out = []
-    if iou_type == "segm":
-        for mask, label, score in zip(masks, classes, scores, strict=True):
-            out.append({"image_id": image_id, "category_id": int(label) + 1,
-                        "segmentation": to_coco(mask), "score": float(score)})
-    else:
-        xywh = _xywh(boxes_from_masks(masks) if boxes is None else boxes)
-        for box, label, score in zip(xywh, classes, scores, strict=True):
-            out.append({"image_id": image_id, "category_id": int(label) + 1,
-                        "bbox": box.tolist(), "score": float(score)})
-    return out
 
 
 def _coco_eval(gt_dataset: dict, detections: list[dict], iou_type: str, max_detections: int):

@@ -76,6 +76,12 @@ class Inputs:
         """Targets of `split` in the order `dataset(split, training=False)` yields them."""
         raise NotImplementedError
 
+    def task_columns(self, split: str) -> tf.data.Dataset:
+        """The task's own columns of `split` (`Task.element_columns`: instance segmentation's runs,
+        classes and image size), one element per sample, in `dataset(split, training=False)` order,
+        before any decode or resize: what a task scores against at each image's own size."""
+        raise NotImplementedError
+
     def channel_stats(self, spec: PipelineSpec):
         raise NotImplementedError
 
@@ -124,6 +130,9 @@ class FileInputs(Inputs):
 
     def targets(self, split):
         return self.task.eval_targets(self.frames[split], self.class_names)
+
+    def task_columns(self, split):
+        return tf.data.Dataset.from_tensor_slices(self._samples[split].extra)
 
     def channel_stats(self, spec):
         return channel_stats(self._samples["train"], spec)

@@ -504,6 +504,11 @@ class RecordInputs(Inputs):
                              shard_policy=tf.data.experimental.AutoShardPolicy.OFF,
                              decode_targets=self.task.decode_targets)
 
+    def task_columns(self, split):
+        payload = ("bytes", "mask_bytes")  # the encoded image and mask: not columns
+        return self._elements(split, training=False, deterministic=True).map(
+            lambda e: {k: v for k, v in e.items() if k not in payload})
+
     def targets(self, split):
         """What validation scores against (the task's eval targets), read from the shards
         (labels only), in `dataset(split, training=False)` order."""

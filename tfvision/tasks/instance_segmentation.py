@@ -221,33 +221,38 @@ class InstanceSegmentation(Task):
     # ---- scores -----------------------------------------------------------------------------
 
     def score(self, model, dataset, inputs, split):
-        """COCO AP and the Kaggle IoU sweep over the split, at the model's input size."""
+        """COCO AP and the Kaggle sweeps over the split at each image's own size, as the leaderboards
+        score a submission: the detections pasted back as predict pastes them, against the
+        annotations' own runs (never resized, never decoded to dense masks)."""
         import tensorflow as tf
 
-        from tfvision.instance_metrics import coco_ap, kaggle_iou_sweep
+        from tfvision.instance_metrics import InstanceScores
 
         detect = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        gt_masks, gt_classes, predicted = [], [], []
-        for images, targets in dataset:
+        scores = InstanceScores(max_detections=self.cfg.task_options.max_detections)
+        truth = inputs.task_columns(split).as_numpy_iterator()
+        for images, _ in dataset:
             found = {k: v.numpy() for k, v in detect(images).items()}
+            model_size = tuple(images.shape[1:3])
             for b in range(len(images)):
-                present = targets["classes"][b].numpy() >= 0
-                gt_masks.append(targets["masks"][b].numpy()[present] > 0)
-                gt_classes.append(targets["classes"][b].numpy()[present])
-                predicted.append(self.output.detections(found, b, tuple(images.shape[1:3])))
-        ap = coco_ap(gt_masks, gt_classes, *(list(p) for p in zip(*predicted, strict=True)),
-                     max_detections=self.cfg.task_options.max_detections)
-        ap = {k.lower(): (None if np.isnan(v) else float(v)) for k, v in ap.items()}
-        return {**ap, "iou_sweep": kaggle_iou_sweep(gt_masks, [p[0] for p in predicted],
-                                                    [p[2] for p in predicted])}
+                row = next(truth)
+                size = tuple(int(v) for v in row["instance_size"])
+                masks, classes, confidence, boxes = self.output.detections(found, b, size, model_size)
+                scores.add(_runs_to_rles(row["instance_runs"], size), row["instance_classes"],
+                           masks, classes, confidence, boxes, size=size)
+        if next(truth, None) is not None or len(scores.images) != inputs.sizes[split]:
+            raise RuntimeError(f"{split}: {len(scores.images)} images scored, {inputs.sizes[split]} in the split")
+        ap = {k.lower(): (None if np.isnan(v) else float(v)) for k, v in scores.coco_ap().items()}
+        return {**ap, "iou_sweep": scores.sweep(), "f2_sweep": scores.sweep(beta=2.0)}
 
     def report_lines(self, metrics, class_names):
         rows = ["| | AP | AP50 | AP75 |", "|---|---|---|---|"] + [
             f"| {kind} | {_fmt(metrics[f'{kind}_ap'])} | {_fmt(metrics[f'{kind}_ap50'])} | "
             f"{_fmt(metrics[f'{kind}_ap75'])} |" for kind in ("segm", "bbox")]
         return [f"Kaggle IoU-sweep score {_fmt(metrics['iou_sweep'])} (mean over images of TP/(TP+FP+FN) over "
-                "IoU 0.5:0.05:0.95), COCO AP below (pycocotools), at the model's input size, predictions' "
-                "overlaps removed in score order.", "", *rows]
+                f"IoU 0.5:0.05:0.95; Airbus' F2 variant {_fmt(metrics.get('f2_sweep'))}), COCO AP below "
+                "(pycocotools), at each image's own size, predictions' overlaps removed in score order.",
+                "", *rows]
 
     def headline(self, metrics):
         return (f"segm_ap={_fmt(metrics['segm_ap'])} segm_ap50={_fmt(metrics['segm_ap50'])} "
@@ -259,6 +264,15 @@ def _image_id(path: str, index: int) -> int:
     else the file's position in the list."""
     stem = Path(path).stem
     return int(stem) if stem.isdigit() else index
+
+
+def _runs_to_rles(runs, size) -> list[dict]:
+    """COCO RLEs of one image's instances from their uncompressed runs (a ragged row, as
+    `tf.data` gives it to NumPy), without decoding a mask."""
+    from pycocotools import mask as coco_mask
+
+    rows = runs.to_list() if hasattr(runs, "to_list") else [list(r) for r in runs]
+    return [coco_mask.frPyObjects({"counts": [int(v) for v in r], "size": list(size)}, *size) for r in rows]
 
 
 def _fmt(v) -> str:
