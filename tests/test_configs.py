@@ -16,12 +16,14 @@ weights, early stopping, ...) stays on: `test_overrides_only_shrink_the_work` an
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tests import layouts
 from tests.conftest import REPO, checksums, run_cli
@@ -89,7 +91,7 @@ EVAL_METRICS = {  # eval/val/metrics.json keys per task, written by evaluate
     "multilabel": {"roc_auc_macro", "pr_auc_macro", "macro_f1", "per_class"},
     "segmentation": {"dice_macro", "dice_per_class", "iou_macro", "iou_per_class"},
     "regression": {"quadratic_kappa", "accuracy", "grade_mae", "mae", "rmse", "confusion_matrix"},
-    "instance_segmentation": {"segm_ap", "segm_ap50", "segm_ap75", "bbox_ap", "iou_sweep"},
+    "instance_segmentation": {"segm_ap", "segm_ap50", "segm_ap75", "bbox_ap", "iou_sweep", "f2_sweep"},
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # the layouts' images, listed here independently of tfvision (the oracle)
 
@@ -261,7 +263,13 @@ def test_evaluate(trained):
     task = run.config["task"]
     assert EVAL_METRICS[task] <= set(metrics), f"eval metrics.json lacks {EVAL_METRICS[task] - set(metrics)}"
     run.check_per_class(metrics)
-    assert (run.dir / "eval" / "val" / "report.md").is_file()
+    report = (run.dir / "eval" / "val" / "report.md").read_text()
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    for name in embedded:  # every figure the report shows is there, as a PNG
+        with Image.open(run.dir / "eval" / "val" / name) as im:
+            assert im.format == "PNG", name
+    if task == "instance_segmentation":
+        assert "overlays.png" in embedded, embedded
 
 
 def test_predict(trained):

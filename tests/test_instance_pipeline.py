@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from tests import layouts
 from tfvision.config import AugmentParams
@@ -381,6 +382,13 @@ def test_scores_at_each_images_own_size_from_files_and_shards(tmp_path):
     assert scores == pytest.approx(expected, abs=1e-12)
     # Boxes for shapes: right boxes and classes, masks only roughly (a disc fills 79% of its box).
     assert scores["bbox_ap50"] > 0.9 and 0.1 < scores["segm_ap50"] < 1
+
+    (title, png), = task.report_figures(_boxes_as_detections(val(files)), val(files), files.class_names, tmp_path)
+    with Image.open(png) as im:  # one row per image: ground truth | detections
+        assert "first 4 images" in title and im.size == (700, 4 * 330)
+        drawn = np.asarray(im.convert("RGB"))
+    left, right = drawn[:, :350], drawn[:, 350:]
+    assert (left != right).any()  # the detections (boxes) are not the ground truth (shapes)
 
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(raw))

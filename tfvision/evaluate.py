@@ -228,9 +228,13 @@ def evaluate_streamed(run_dir: Path, run, cfg, task, split: str, batch_size: int
     metrics = {"run": str(run_dir), "split": split, "n": int(inputs.sizes[split]), "task": task.name,
                "skipped": skipped, **scores}
     write_json(out / "metrics.json", metrics)
+    figures = task.report_figures(run.model, inputs.dataset(split, spec, training=False,
+                                                            format_batch=task.format_batch),
+                                  inputs.class_names, out)
     write_text(out / "report.md", "\n".join([
         f"# Evaluation: {run_dir.name}, {split} ({metrics['n']} images, task {task.name})", "",
-        *task.report_lines(scores, inputs.class_names), ""]))
+        *task.report_lines(scores, inputs.class_names), "",
+        *(f"## {title}\n\n![{title}]({Path(name).name})\n" for title, name in figures)]))
     log.info("%s (%d images): %s", split, metrics["n"], task.headline(scores))
     return out
 

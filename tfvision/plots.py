@@ -19,6 +19,7 @@ from tfvision.fileio import atomic_path
 
 __all__ = [
     "confusion_matrix_plot",
+    "instance_overlays",
     "per_class_bars",
     "pr_curves",
     "reliability_diagram",
@@ -326,5 +327,44 @@ def per_class_bars(per_class: dict, metric: str, path) -> str:
     ax.set_xlim(min([0.0] + finite) * 1.12, max([1.0] + finite) * 1.12)
     ax.set(xlabel=metric, title=f"{metric} per class")
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def instance_overlays(panels, path) -> str:
+    """One row per image: its ground-truth instances, then the predicted ones, each instance a
+    colour over the image with its outline (predictions labelled "class score").
+
+    Args:
+        panels: per image, (image [H, W, C] on the 0..255 scale, ground truth [N, H, W],
+            predictions [M, H, W], M labels).
+        path: PNG file to write.
+
+    Returns:
+        ``path``.
+    """
+    if not panels:
+        raise ValueError("no images to draw")
+    plt = _pyplot()
+    colours = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(len(panels), 2, figsize=(7, 3.3 * len(panels)), squeeze=False)
+    for row, (image, truth, predicted, labels) in zip(axes, panels, strict=True):
+        image = np.asarray(image, np.float32)
+        grey = image[..., 0] if image.shape[-1] == 1 else image
+        grey = np.clip(grey / 255.0, 0.0, 1.0)
+        for ax, masks, names, title in ((row[0], truth, None, f"ground truth ({len(truth)})"),
+                                        (row[1], predicted, labels, f"predicted ({len(predicted)})")):
+            ax.imshow(grey, cmap="gray" if grey.ndim == 2 else None, vmin=0, vmax=1)
+            for i, mask in enumerate(np.asarray(masks, bool)):
+                colour = colours[i % len(colours)]
+                ax.imshow(np.dstack([np.broadcast_to(colour, mask.shape + (3,)), mask * 0.45]))
+                if mask.any() and not mask.all():  # contour needs both sides
+                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=0.8)
+                if names is not None and mask.any():
+                    y, x = np.argwhere(mask)[0]
+                    ax.text(x, y, names[i], color="white", fontsize=6, va="bottom",
+                            bbox={"facecolor": colour, "alpha": 0.7, "pad": 0.5, "linewidth": 0})
+            ax.set_title(title, fontsize="small")
+            ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)

@@ -161,6 +161,11 @@ class Task:
         batch, and reported by `report_lines`."""
         return None
 
+    def report_figures(self, model, dataset, class_names: list[str], out) -> list[tuple[str, str]]:
+        """(title, PNG name in `out`) that report.md embeds for a task scored by `score` alone,
+        drawn from `dataset` (the split's batches, in order); none by default."""
+        return []
+
     def report_lines(self, metrics: dict, class_names: list[str]) -> list[str]:
         """report.md's body for a task scored by `score` alone."""
         raise NotImplementedError
