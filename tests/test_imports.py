@@ -90,3 +90,27 @@ def test_cycle_finder_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "tfvision.train" not in graph["tfvision.training"]
     assert "tfvision.training" not in graph["tfvision.tasks.base"]
+
+
+def test_importing_any_module_leaves_the_tensorflow_runtime_unstarted():
+    """A TF op at import time (a module-level tf.constant) starts TensorFlow's runtime, after which
+    MultiWorkerMirroredStrategy's collectives and virtual devices can no longer be configured.
+    After each import, the virtual CPU devices are reconfigured, which raises once the runtime runs."""
+    import subprocess
+    import sys
+
+    names = sorted(n for n in _modules() if not n.endswith("__main__"))
+    script = f"""
+import importlib
+import tensorflow as tf
+cpu, n = tf.config.list_physical_devices("CPU")[0], 2
+for name in {names!r}:
+    importlib.import_module(name)
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError as e:
+        raise SystemExit(f"importing {{name}} started TensorFlow's runtime: {{e}}")
+    n = 5 - n
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -15,6 +15,7 @@ draws are made and how an op is gated (`tf.cond` per image on the host,
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -86,9 +87,11 @@ def _resample(at, ys, xs, h, w, nearest: bool):
 
 
 # RGB <-> YIQ: hue is a rotation of the (I, Q) plane, so a whole colour jitter is one 3x3 matrix.
-RGB2YIQ = tf.constant([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-YIQ2RGB = tf.linalg.inv(RGB2YIQ)
-LUMA = tf.constant([0.299, 0.587, 0.114])
+# NumPy, not tf.constant: a TF op at import starts TensorFlow's runtime, after which
+# MultiWorkerMirroredStrategy (collective ops) and virtual devices can no longer be configured.
+RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+YIQ2RGB = np.linalg.inv(RGB2YIQ).astype(np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def color_matrix(brightness, contrast, saturation, hue):
