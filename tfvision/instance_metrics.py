@@ -151,8 +151,8 @@ class InstanceScores:
 
     >>> square = np.zeros((1, 8, 8), bool); square[0, 2:6, 2:6] = True
     >>> scores = InstanceScores(); scores.add(square, [0], square, [0], [0.9])
-    >>> scores.sweep(), round(scores.coco_ap()["segm_AP"], 6)
-    (1.0, 1.0)
+    >>> scores.sweep(), round(scores.coco_ap()["segm_AP"], 6), scores.coco_ap() == scores.coco_ap()
+    (1.0, 1.0, True)
     """
 
     def __init__(self, max_detections: int = 100):
@@ -237,7 +237,9 @@ def _coco_eval(gt_dataset: dict, detections: list[dict], iou_type: str, max_dete
         gt.createIndex()
         # loadRes fails on an empty list (IndexError, pycocotools 2.0.11); with no
         # detections COCOeval scores an empty result set, which is AP 0.
-        dt = gt.loadRes(detections) if detections else _empty_results(gt)
+        # loadRes writes ids, areas and boxes into the dicts it is given: hand it copies, so that
+        # the same detections can be scored again.
+        dt = gt.loadRes([dict(d) for d in detections]) if detections else _empty_results(gt)
         evaluator = COCOeval(gt, dt, iou_type)
         evaluator.params.maxDets = [1, 10, max_detections]
         evaluator.evaluate()
