@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 
 from tfvision.errors import ConfigError
-from tfvision.fileio import read_json, write_json
+from tfvision.fileio import PROCESS_MARKER, process_dir
 
 # The data modules are imported where used: importing them runs TensorFlow ops (module-level
 # constants), after which MultiWorkerMirroredStrategy can no longer be made ("Collective ops
@@ -330,19 +330,7 @@ def check_static(element_spec, what: str) -> None:
 
 
 _SKIP = shutil.ignore_patterns(".*", "tensorboard", "last.keras", "*.png")
-WORKER_MARKER = ".tfvision-worker.json"  # {"pid"}: the folder is a worker's, made by that process
-
-
-def _remove_orphans(prefix: str) -> None:
-    """Remove the temporary folders of killed workers: ours by their marker, whose process is gone."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        try:
-            pid = read_json(folder / WORKER_MARKER)["pid"]
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no marker (not ours), or a live process (PermissionError)
+WORKER_MARKER = PROCESS_MARKER  # a worker's folder is the scratch folder of its process
 
 
 @contextmanager
@@ -360,11 +348,8 @@ def write_folder(runtime: Runtime | None, run_dir: Path):
         yield Path(run_dir)
         return
     prefix = f"tfvision-worker{runtime.worker}-"
-    _remove_orphans(prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        write_json(tmp / WORKER_MARKER, {"pid": os.getpid()})  # beside the run folder, not in it
-        folder = tmp / "run"
+    with process_dir(tempfile.gettempdir(), prefix) as tmp:
+        folder = tmp / "run"  # beside the marker, not with it
         # Only a run that has trained before: a new one's chief is writing its split and data
         # report right now, and a copy could catch half of them (this worker derives the same).
         started = Path(run_dir, "backup").is_dir() or Path(run_dir, "progress.json").is_file()
@@ -372,5 +357,3 @@ def write_folder(runtime: Runtime | None, run_dir: Path):
             shutil.copytree(run_dir, folder, ignore=_SKIP)
         log.info("worker %d of %d writes to %s (removed at the end)", runtime.worker, runtime.workers, folder)
         yield folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,12 @@ Each writer writes to a temporary sibling and `os.replace`s it into place (atomi
 POSIX within one filesystem), so a crash never leaves a partial file under a final name.
 A folder is replaced only when it holds the marker file of the command that made it:
 tfvision never deletes or replaces what it did not create.
+
+A ``gs://`` (or ``ram://``) path works in `atomic_path`, `write_text`, `write_json`,
+`read_json`, `ours_or_absent`, `claim_dir` and `check_output_outside`: a file is written
+locally, then uploaded under a temporary name and moved into place (`tfvision.remote`,
+which says what that guarantees on Cloud Storage). The ledger of user-named outputs
+(`owned_output`) and the folder swaps (`build_dir`) stay local.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from tfvision import remote
 from tfvision.errors import UserError
 
 
@@ -26,7 +33,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", before_replace=None):
 
     `suffix` keeps an extension some writers insist on (Keras wants ``.keras``).
     `before_replace(tmp)` runs on the finished file just before it takes its final name.
+    For a URL `path`, `tmp` is a local file, uploaded when finished (`remote.put`): the
+    writers (h5py, zipfile, TFRecordWriter) may seek and append, which an object cannot.
     """
+    if remote.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="tfvision-upload-") as folder:
+            tmp = Path(folder) / f".{remote.name(path)}.tmp-{os.getpid()}{suffix}"
+            yield tmp
+            if before_replace is not None:
+                before_replace(tmp)
+            remote.put(tmp, str(path))
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
@@ -116,7 +133,7 @@ def _default(o):
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    return json.loads(remote.read_bytes(path))
 
 
 def safe_name(value: str) -> str:
@@ -145,15 +162,42 @@ def user_cache_dir() -> Path:
     return Path(base).expanduser() / "tfvision"
 
 
+# {"pid"}: the folder is a scratch folder of one process (`process_dir`), made by that process
+PROCESS_MARKER = ".tfvision-worker.json"
+
+
+@contextmanager
+def process_dir(parent: str | os.PathLike, prefix: str):
+    """A fresh scratch folder for this process under `parent`, removed at the end.
+
+    Folders with the same `prefix` that killed processes left behind go first: ours by
+    their marker (`PROCESS_MARKER`), whose process is gone. Anything else there stays.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for folder in parent.glob(f"{prefix}*"):
+        try:
+            os.kill(read_json(folder / PROCESS_MARKER)["pid"], 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no marker (not ours), or a live process (PermissionError)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        write_json(tmp / PROCESS_MARKER, {"pid": os.getpid()})
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ours_or_absent(folder: str | os.PathLike, marker: str) -> bool:
     """True when `folder` may be (re)built by tfvision: it does not exist, is an empty folder,
     or holds `marker`, the file only the command that made it writes."""
-    folder = Path(folder)
-    if not folder.exists():
+    if not remote.exists(folder):
         return True
-    if not folder.is_dir():
+    if not remote.isdir(folder):
         return False
-    return (folder / marker).is_file() or not any(folder.iterdir())
+    return remote.isfile(remote.join(folder, marker)) or not remote.listdir(folder)
 
 
 def claim_dir(folder: str | os.PathLike, marker: str, refusal: str) -> None:
@@ -169,12 +213,12 @@ def claim_dir(folder: str | os.PathLike, marker: str, refusal: str) -> None:
 def check_output_outside(output, inputs, flag: str) -> None:
     """Refuse an `output` that is, or lies inside, one of the `inputs` folders: tfvision never
     writes into the user's input data (it may be read-only, and it is theirs)."""
-    out = Path(output).expanduser().resolve()
+    out = remote.absolute(output, resolve=True)
     for folder in inputs:
-        if folder is None or "://" in str(folder):
+        if folder is None:
             continue
-        src = Path(folder).expanduser().resolve()
-        if out == src or src in out.parents:
+        src = remote.absolute(folder, resolve=True)
+        if out == src or out.startswith(src.rstrip("/") + "/"):
             raise UserError(f"{flag}: {output} is inside the input folder {folder}; "
                             f"tfvision does not write into its inputs, so choose a folder outside it")
 
