@@ -13,7 +13,9 @@ as training would, encode labels with the task, plan shards of about
 read and decoded once (corrupt files go to ``rejected``, never into a shard);
 write ``manifest.json``. Every shard is written under a temporary name and
 renamed when complete, and recorded as finished, so running the same command
-again after a crash keeps the finished shards and writes the rest.
+again after a crash keeps the finished shards and writes the rest. ``--output``
+may be ``gs://...``: each shard is written locally, uploaded under a temporary
+name and moved into place (`tfvision.remote`), the manifest last.
 
 With ``--runner`` the shards are written by an Apache Beam pipeline instead
 (`tfvision.data.beam`, ``pip install "tfvision[beam]"``): the same plan, checks,
@@ -36,6 +38,7 @@ from tfvision.cli import run_command
 from tfvision.config import Config
 from tfvision.config_loader import load_config
 from tfvision.data.conversion import complete, plan_conversion
+from tfvision.errors import ConfigError
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")
 
@@ -51,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "Exit 0 ok, 2 config/data error or failed verify, 1 other.",
     )
     p.add_argument("--config", help="training config JSON whose data section is converted")
-    p.add_argument("--output", help="shard folder to write (local; upload it for gs:// training)")
+    p.add_argument("--output", help="shard folder to write: local, or gs://BUCKET/PATH (each shard is "
+                   "uploaded under a temporary name and moved into place, the manifest last)")
     p.add_argument("--verify", metavar="DIR", help="re-read every shard in DIR against its manifest")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes, each writing one shard at a time (default 0: shards are "
@@ -149,6 +153,9 @@ def convert(cfg: Config, output, *, workers: int = 0, shard_mb: float = 100.0, o
 
     from tfvision.data.tfrecord import ShardJob
 
+    if workers and any(str(p).startswith("ram://") for p in (output, cfg.data.root)):
+        # ram:// is the memory of this process: a worker process would read or write its own.
+        raise ConfigError("--workers: a ram:// folder lives in this process only; use --workers 0")
     conv = plan_conversion(cfg, output, shard_mb, gzip)
     done = conv.open_output(overwrite)
     if complete(done):

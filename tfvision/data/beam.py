@@ -24,14 +24,13 @@ caps the size of a submitted job (Dataflow) would need it read from a file.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from tfvision.config import Config
 from tfvision.data.conversion import complete, plan_conversion, shard_state
 from tfvision.errors import ConfigError
 from tfvision.fileio import read_json, write_json
+from tfvision.remote import join
 
 try:
     import apache_beam as beam
@@ -78,10 +77,10 @@ class WriteShard(beam.DoFn):
             if counts is not None:
                 pixels += counts
         records = [s[1] for s in samples if s[1] is not None]
-        size, digest = self._tfrecord.write_records(os.path.join(self.directory, name), records, self.gzip)
+        size, digest = self._tfrecord.write_records(join(self.directory, name), records, self.gzip)
         result = self._tfrecord.shard_result(name, len(records), size, digest,
                                              [s[3] for s in samples if s[3] is not None], pixels)
-        write_json(os.path.join(self.directory, shard_state(name)), result)
+        write_json(join(self.directory, shard_state(name)), result)
         yield name
 
 
@@ -158,7 +157,7 @@ def convert_beam(cfg: Config, output, *, runner: str = "DirectRunner", options=(
                  | "GroupByShard" >> beam.GroupByKey()
                  | "WriteShard" >> beam.ParDo(WriteShard(str(conv.out), gzip, num_classes)))
     for name, _ in todo:
-        done[name] = read_json(conv.out / shard_state(name))
+        done[name] = read_json(join(conv.out, shard_state(name)))
     # Once, at the end: a runner reports nothing back while it runs (the local converter stops
     # at the first shard that passes data.max_bad_fraction). The shards stay for a rerun.
     conv.check_rejected(done)

@@ -20,18 +20,17 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tfvision import __version__
+from tfvision import __version__, remote
 from tfvision.config import Config
 from tfvision.data.sources import SPLIT_NAMES as SPLITS
 from tfvision.errors import ConfigError, DataError
 from tfvision.fileio import check_output_outside, read_json, write_json
+from tfvision.remote import join
 
 log = logging.getLogger("tfvision.convert")
 
@@ -108,7 +107,7 @@ def plan_shards(frame: pd.DataFrame, shard_mb: float, gzip: bool, seed: int) -> 
         if not len(rows):
             continue
         rows = rows[rng.permutation(len(rows))]  # a class-sorted source would give class-sorted shards
-        sizes = np.array([os.path.getsize(p) for p in frame["path"].to_numpy()[rows]], np.float64)
+        sizes = np.array([remote.size(p) for p in frame["path"].to_numpy()[rows]], np.float64)
         total = max(sizes.sum(), 1.0)
         n = min(len(rows), max(1, math.ceil(total / target)))
         before = np.cumsum(sizes) - sizes
@@ -145,7 +144,7 @@ class Conversion:
     """One planned conversion: the sample table, its shards, the encoded targets and the output."""
 
     cfg: Config
-    out: Path
+    out: str  # a local folder or a URL (`tfvision.remote`)
     shard_mb: float
     gzip: bool
     frame: pd.DataFrame
@@ -170,10 +169,10 @@ class Conversion:
     def shard_rows(self, rows: np.ndarray) -> list[tuple]:
         """The `tfrecord.ShardJob` rows of the frame rows `rows`: (path, image id, group, label,
         target, known, eval target, fold, mask path or None, instance features or None)."""
-        root = os.path.abspath(self.cfg.data.root)
+        root = remote.absolute(self.cfg.data.root)
         sub = self.frame.iloc[rows]
-        ids = [os.path.relpath(p, root) if os.path.abspath(p).startswith(root + os.sep) else p
-               for p in sub["path"]]
+        absolute = [remote.absolute(p) for p in sub["path"]]
+        ids = [a[len(root) + 1:] if a.startswith(root + "/") else p for a, p in zip(absolute, sub["path"], strict=True)]
         t, k, m, inst = self.targets, self.known, self.masks, self.instances
         return [(p, i, g, lab, t[r].tolist(), None if k is None else k[r].tolist(),
                  self.evals[r].tolist() if self.has_eval else None, int(f), None if m is None else str(m[r]),
@@ -206,7 +205,7 @@ class Conversion:
         return done
 
     def write_state(self, done: dict) -> None:
-        write_json(self.out / STATE, {"fingerprint": self.fingerprint, "shards": done})
+        write_json(join(self.out, STATE), {"fingerprint": self.fingerprint, "shards": done})
 
     def write_manifest(self, done: dict) -> dict:
         """Write manifest.json from every planned shard's result and drop the state files."""
@@ -249,14 +248,15 @@ class Conversion:
             "shard_mb": self.shard_mb, "counts": counts, "class_counts": class_counts,
             "known_counts": known_counts, "shards": shards, "rejected": list(self.missing) + rejected,
             "rejected_annotations": self.rejected_annotations,
-            "source": {"type": cfg.data.source, "root": os.path.abspath(cfg.data.root), "csv": cfg.data.csv,
+            "source": {"type": cfg.data.source, "root": remote.absolute(cfg.data.root), "csv": cfg.data.csv,
                        "rows": self.total},
             "config": cfg.to_dict(), "features": F.DESCRIPTION,
         }
-        write_json(self.out / MANIFEST, manifest)
-        for p in self.out.glob(f"{SHARD_STATE}*"):
-            p.unlink()
-        (self.out / STATE).unlink(missing_ok=True)
+        # The manifest goes last: until it is there, the folder is an unfinished conversion.
+        write_json(join(self.out, MANIFEST), manifest)
+        for name in remote.listdir(self.out):
+            if name.startswith(SHARD_STATE) or name == STATE:
+                remote.remove(join(self.out, name))
         size = sum(s["bytes"] for s in shards)
         log.info("wrote %d records in %d shards (%.1f MB) to %s in %.1f s; %d rejected",
                  sum(counts.values()), len(shards), size / 2**20, self.out, time.perf_counter() - self.started,
@@ -273,14 +273,11 @@ def plan_conversion(cfg: Config, output, shard_mb: float = 100.0, gzip: bool = F
     """Read, split and plan `cfg`'s data for shards in `output`; nothing is written.
 
     Raises:
-        ConfigError: `output` is not a local folder outside the data.
+        UserError: `output` lies inside data.root (a folder or a ``gs://`` URL: `tfvision.remote`).
         DataError: `read_table`'s errors, or more missing files than data.max_bad_fraction allows.
     """
-    if "://" in str(output):
-        raise ConfigError("--output: shards are written to a local folder; copy it to cloud storage "
-                          "afterwards (gsutil -m cp -r DIR gs://...)")
     started = time.perf_counter()
-    out = Path(output)
+    out = str(output)  # a URL (gs://) stays one: Path would fold its "//"
     check_output_outside(out, [cfg.data.root], "--output")
     frame, missing, class_names, task = read_table(cfg)
     # A row-level entry is one bad annotation of an image that stays (instance sources).
@@ -320,48 +317,50 @@ def _owned(name: str) -> bool:
     return name in (MANIFEST, STATE) or bool(SHARD_RE.match(name))
 
 
-def _open_output(out: Path, fingerprint: str, overwrite: bool) -> dict:
+def _open_output(out: str, fingerprint: str, overwrite: bool) -> dict:
     """Prepare `out`. Returns {name: result} of the shards an interrupted run finished,
     or the manifest when the same conversion is already complete."""
     from tfvision.data.tfrecord import MANIFEST
 
-    if out.exists() and not out.is_dir():
+    def intact(name: str, size: int) -> bool:
+        return remote.isfile(join(out, name)) and remote.size(join(out, name)) == size
+
+    if remote.exists(out) and not remote.isdir(out):
         raise ConfigError(f"--output: {out} exists and is not a folder")
-    if out.is_dir() and not ((out / MANIFEST).is_file() or (out / STATE).is_file()
-                             or all(_owned(p.name) for p in out.iterdir())):
+    names = remote.listdir(out)
+    if names and not (MANIFEST in names or STATE in names or all(_owned(n) for n in names)):
         raise ConfigError(f"--output: {out} holds files that are not a conversion's (no {MANIFEST}); "
                           f"shards go to a new or empty folder, or one an earlier conversion wrote")
-    out.mkdir(parents=True, exist_ok=True)
+    remote.makedirs(out)
     if overwrite:
-        for p in out.iterdir():
-            if _owned(p.name) and p.is_file():
-                p.unlink()
+        for n in names:
+            if _owned(n) and remote.isfile(join(out, n)):
+                remote.remove(join(out, n))
         return {}
-    for p in out.glob(".*.tmp-*"):  # a killed run's unfinished shard
-        if _owned(p.name):
-            p.unlink()
-    if (out / MANIFEST).is_file():
-        manifest = read_json(out / MANIFEST)
+    for n in names:  # a killed run's unfinished shard, or one uploaded but not yet moved (gs://)
+        if remote.is_temp(n) and _owned(n):
+            remote.remove(join(out, n))
+    if MANIFEST in names:
+        manifest = read_json(join(out, MANIFEST))
         if manifest.get("fingerprint") != fingerprint:
             raise DataError(f"--output: {out} holds a conversion of other data or options; "
                             f"use --overwrite or another folder")
-        changed = [s["name"] for s in manifest["shards"]
-                   if not (out / s["name"]).is_file() or (out / s["name"]).stat().st_size != s["bytes"]]
+        changed = [s["name"] for s in manifest["shards"] if not intact(s["name"], s["bytes"])]
         if changed:
-            raise DataError(f"--output: shard {out / changed[0]} is missing or changed since the "
+            raise DataError(f"--output: shard {join(out, changed[0])} is missing or changed since the "
                             f"conversion; use --overwrite to convert again")
         return manifest
-    if (out / STATE).is_file():
-        state = read_json(out / STATE)
+    if STATE in names:
+        state = read_json(join(out, STATE))
         if state.get("fingerprint") != fingerprint:
             raise DataError(f"--output: {out} holds an unfinished conversion of other data or options; "
                             f"use --overwrite or another folder")
         shards = dict(state["shards"])
-        for p in sorted(out.glob(f"{SHARD_STATE}*.json")):  # shards a Beam run finished
-            result = read_json(p)
-            shards[result["name"]] = result
-        return {n: s for n, s in shards.items()
-                if (out / n).is_file() and (out / n).stat().st_size == s["bytes"]}
-    if any(_owned(p.name) for p in out.iterdir()):
+        for n in names:  # shards a Beam run finished
+            if n.startswith(SHARD_STATE) and n.endswith(".json"):
+                result = read_json(join(out, n))
+                shards[result["name"]] = result
+        return {n: s for n, s in shards.items() if intact(n, s["bytes"])}
+    if any(_owned(n) for n in names):
         raise DataError(f"--output: {out} holds shards but no manifest; use --overwrite")
     return {}
