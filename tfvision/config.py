@@ -143,11 +143,13 @@ class DataConfig:
         (named by a hash of source, root and CSV, so two datasets never share a cache)."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
+        from tfvision import remote
         from tfvision.fileio import user_cache_dir
 
-        ident = {"source": self.source, "root": str(Path(self.root).resolve()), "csv": self.csv}
+        root = self.root if remote.is_url(self.root) else str(Path(self.root).resolve())
+        ident = {"source": self.source, "root": root, "csv": self.csv}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        return user_cache_dir() / f"{Path(self.root).name or 'data'}-{digest}"
+        return user_cache_dir() / f"{remote.name(self.root) or 'data'}-{digest}"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -503,10 +505,27 @@ def _resolve_root(data: DataConfig) -> None:
         data.root = str(user_cache_dir() / "datasets" / data.prepare)
 
 
+# Sources that read a gs:// (or ram://) data.root: they list and open files through
+# tfvision.remote. The others hand paths to readers that want a local file (pydicom, nibabel)
+# or write derived data beside their listing, so they are refused by name.
+URL_SOURCES = ("csv", "folders", "tfrecord")
+
+
 def check_paths(cfg: Config) -> None:
-    """The files and folders the config names exist (local ones; shards may be remote)."""
+    """The files and folders the config names exist (local ones; a URL root is checked when
+    its source reads it, with TensorFlow's filesystem layer, which is not loaded here)."""
     data = cfg.data
     _resolve_root(data)
+    if "://" in data.root:
+        if data.source not in URL_SOURCES:
+            raise ConfigError(f"data.root: {data.root} is a URL; data.source {data.source!r} reads local "
+                              f"files only (URL roots: {', '.join(URL_SOURCES)}); copy the data to a local "
+                              f"folder (and convert it there to shards on gs://, which train from anywhere)")
+        if data.prepare is not None:
+            raise ConfigError(f"data.prepare: builds a dataset into a local folder, but data.root "
+                              f"{data.root} is a URL; drop data.root (the cache) or data.prepare")
+        _check_model_weights(cfg)
+        return
     root = Path(data.root)
     if data.prepare is not None and data.source != "tfrecord":
         from tfvision.data import builtin
@@ -517,8 +536,7 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(builtin.refusal(data.prepare, root))
     if data.prepare is None and data.source != "tfrecord" and not root.is_dir():
         raise ConfigError(f"data.root: folder {str(root)!r} does not exist")
-    # Shards may be in cloud storage (gs:// for TPUs); only a local folder is checked here.
-    if data.source == "tfrecord" and "://" not in data.root and not (root / "manifest.json").is_file():
+    if data.source == "tfrecord" and not (root / "manifest.json").is_file():
         raise ConfigError(f"data.root: no manifest.json in {str(root)!r}; make shards with python -m tfvision.convert")
     for key in ("csv", "val_csv", "annotations", "val_annotations"):
         value = getattr(data, key)
@@ -529,6 +547,10 @@ def check_paths(cfg: Config) -> None:
     for i, d in enumerate(data.image_dirs):
         if data.prepare is None and data.source != "tfrecord" and not (root / d).is_dir():
             raise ConfigError(f"data.image_dirs[{i}]: folder {str(root / d)!r} does not exist")
+    _check_model_weights(cfg)
+
+
+def _check_model_weights(cfg: Config) -> None:
     w = cfg.model.weights
     if w not in (None, "imagenet") and not Path(w).is_file():
         raise ConfigError(f"model.weights: {w!r} is neither 'imagenet', null, nor an existing file")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 from tqdm import tqdm
 
+from tfvision import remote
 from tfvision.data.decode import decode, describe_error
 
 
@@ -32,10 +33,11 @@ def probe(data: tf.Tensor, channels: int) -> tf.Tensor:
 def rejection_reason(path: str, channels: int) -> str | None:
     """Why `path` cannot be used, or None when it can."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = remote.read_bytes(path)
     except OSError as e:
         return f"cannot read: {e.strerror or e}"
+    except tf.errors.OpError as e:  # a gs:// file
+        return f"cannot read: {describe_error(e)}"
     if not data:
         return "empty file"
     try:

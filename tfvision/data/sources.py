@@ -11,20 +11,24 @@ Every source returns a `SampleTable`: a DataFrame with the columns
   class of the row (or ``none``), which is what splits stratify on
 
 plus the rows that could not be used (``missing``), so that the check pass
-reports them instead of silently dropping them. No TensorFlow here: the
-TFRecord converter and the config check reuse these readers.
+reports them instead of silently dropping them. No TensorFlow here for local
+folders: the TFRecord converter and the config check reuse these readers. A
+``gs://`` root (``csv`` and ``folders``) is listed and read through
+`tfvision.remote`, which loads TensorFlow's filesystem layer for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import string
 from pathlib import Path
 
 import pandas as pd
 
+from tfvision import remote
 from tfvision.config import DataConfig
 from tfvision.errors import DataError
 from tfvision.registry import Registry
@@ -35,7 +39,7 @@ IMAGE_SUFFIXES = (".bmp", ".dcm", ".gif", ".jpeg", ".jpg", ".png")
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def image_files(folder, recursive: bool = True) -> list[Path]:
+def image_files(folder, recursive: bool = True) -> list[Path] | list[str]:
     """Image files in `folder` by suffix (any case), sorted; hidden files and folders skipped.
 
     >>> image_files("data/train/cat")  # doctest: +SKIP
@@ -46,13 +50,23 @@ def image_files(folder, recursive: bool = True) -> list[Path]:
         recursive: also list subfolders, at any depth.
 
     Returns:
-        The paths, sorted; empty when the folder holds no image.
+        The paths, sorted; empty when the folder holds no image. For a URL folder
+        (``gs://``), the URLs as strings.
     """
+    if remote.is_url(folder):
+        names = remote.files_under(folder) if recursive else [
+            n for n in remote.listdir(folder) if not remote.isdir(remote.join(folder, n))]
+        return [remote.join(folder, n) for n in names if _is_image(n)]
     root = Path(folder)
     found = root.rglob("*") if recursive else root.iterdir()
     # Hidden entries are editor, OS or sync debris (macOS ._x.jpg resource forks are not images).
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(p for p in found if p.is_file() and _is_image(p.relative_to(root).as_posix()))
+
+
+def _is_image(relative: str) -> bool:
+    # Hidden entries are editor, OS or sync debris (macOS ._x.jpg resource forks are not images).
+    return (relative.lower().endswith(IMAGE_SUFFIXES)
+            and not any(part.startswith(".") for part in relative.split("/")))
 
 
 @dataclasses.dataclass
@@ -73,9 +87,9 @@ def load_samples(data: DataConfig) -> SampleTable:
     return SOURCES.get(data.source)(data)
 
 
-def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+def _read_csv(path, required: list[str]) -> pd.DataFrame:
+    try:  # the bytes through tfvision.remote: pandas would need gcsfs for gs:// (and knows no ram://)
+        frame = pd.read_csv(io.BytesIO(remote.read_bytes(path)), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse CSV: {e}") from None
     missing = [c for c in required if c not in frame.columns]
@@ -97,19 +111,19 @@ def _split_rows(frame: pd.DataFrame, data: DataConfig, csv_path: Path) -> pd.Ser
 
 
 def _split_missing(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
-    exists = frame["path"].map(lambda p: Path(p).is_file())
+    exists = frame["path"].map(remote.isfile)  # on gs://, one request per file
     if "mask" in frame:
-        exists &= frame["mask"].map(lambda p: Path(p).is_file())
+        exists &= frame["mask"].map(remote.isfile)
     missing = [{"path": p, "reason": "file not found"} for p in frame.loc[~exists, "path"]]
     return frame.loc[exists].reset_index(drop=True), missing
 
 
-def _template_paths(frame: pd.DataFrame, template: str, root: Path, csv_path: Path) -> pd.Series:
+def _template_paths(frame: pd.DataFrame, template: str, root: str, csv_path: str) -> pd.Series:
     fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
     absent = [f for f in fields if f not in frame.columns]
     if absent:
         raise DataError(f"data.path_template: {template!r} uses column(s) {absent} not in {csv_path}")
-    return frame.apply(lambda row: str(root / template.format(**row.to_dict())), axis=1)
+    return frame.apply(lambda row: remote.join(root, template.format(**row.to_dict())), axis=1)
 
 
 Y = "y:"  # prefix of the raw multi-label columns
@@ -141,8 +155,8 @@ def add_multilabel_columns(out: pd.DataFrame, frame: pd.DataFrame, columns: list
 
 
 def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFrame:
-    root = Path(data.root)
-    csv_path = root / csv_rel
+    root = data.root
+    csv_path = remote.join(root, csv_rel)
     multilabel = bool(data.label_columns)
     required = list(data.label_columns) if multilabel else [] if data.mask_column else [data.label_column]
     if not data.path_template:
@@ -157,7 +171,7 @@ def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFram
     if data.path_template:
         paths = _template_paths(frame, data.path_template, root, csv_path)
     else:
-        paths = frame[data.path_column].map(lambda p: str(root / p))
+        paths = frame[data.path_column].map(lambda p: remote.join(root, p))
     out = pd.DataFrame(
         {
             "path": paths,
@@ -169,7 +183,7 @@ def _csv_frame(data: DataConfig, csv_rel: str, split: str | None) -> pd.DataFram
     if multilabel:
         return add_multilabel_columns(out, frame, data.label_columns)
     if data.mask_column:  # segmentation: the label image travels with the image
-        out["mask"] = frame[data.mask_column].map(lambda p: str(root / p)).to_numpy()
+        out["mask"] = frame[data.mask_column].map(lambda p: remote.join(root, p)).to_numpy()
         out["label"] = "image"
         return out
     empty = out["label"].str.strip() == ""
@@ -221,14 +235,15 @@ def ham10000_source(data: DataConfig) -> SampleTable:
 @SOURCES.register("folders")
 def folders_source(data: DataConfig) -> SampleTable:
     """Class-per-folder: root/train/<class>/*.jpg (+ val/, test/), or root/<class>/*.jpg."""
-    root = Path(data.root)
-    split_dirs = [(s, root / s) for s in SPLIT_NAMES if (root / s).is_dir()]
+    root = data.root
+    split_dirs = [(s, remote.join(root, s)) for s in SPLIT_NAMES if remote.isdir(remote.join(root, s))]
     if not split_dirs:
         split_dirs = [("", root)]
     rows = []
     for split, base in split_dirs:
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            rows += [(str(p), class_dir.name, str(p), split) for p in image_files(class_dir)]
+        for name in remote.listdir(base):
+            if remote.isdir(class_dir := remote.join(base, name)):
+                rows += [(str(p), name, str(p), split) for p in image_files(class_dir)]
     if not rows:
         raise DataError(f"data.root: no images in class folders under {root}")
     return SampleTable(pd.DataFrame(rows, columns=["path", "label", "group", "split"]))
