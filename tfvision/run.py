@@ -12,26 +12,35 @@
 
 A run folder that already holds a config resumes instead of starting over; any other
 folder that holds files is refused, so a run never mixes its files with the user's.
+
+The run folder may be a URL (``gs://``): the run then writes a local working copy, which
+`working_copy` mirrors to it after every epoch and at the end, and pulls back to resume.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+from tfvision import remote
 from tfvision.config import Config
 from tfvision.config_loader import config_from_dict
 from tfvision.errors import ConfigError, UserError
-from tfvision.fileio import ours_or_absent, read_json, write_json
+from tfvision.fileio import ours_or_absent, process_dir, read_json, user_cache_dir, write_json
 from tfvision.tasks import task_names
 
+log = logging.getLogger("tfvision.train")
 
-def new_run_dir(cfg: Config, output_dir: str | None) -> Path:
+
+def new_run_dir(cfg: Config, output_dir: str | None) -> Path | str:
+    """The run folder: `output_dir` (a URL stays a string), else a new one under ``runs/``."""
     if output_dir:
-        return Path(output_dir)
+        return output_dir if remote.is_url(output_dir) else Path(output_dir)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.name}-{stamp}"
 
@@ -58,19 +67,59 @@ def open_run(run_dir: Path, cfg: Config) -> bool:
                 f"(differs at {', '.join(changed[:5])}); use another --output-dir, or --resume {run_dir}"
             )
         return True
-    if not ours_or_absent(run_dir, "config.json"):
-        raise ConfigError(f"--output-dir: {run_dir} holds files but is not a run folder (no config.json); "
-                          f"give a new or empty folder, or a run folder to resume")
+    _claim(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(saved, current)
     return False
 
 
-def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
+def _claim(run_dir) -> None:
+    """Refuse a folder that holds files but is not a run folder: it is the user's."""
+    if not ours_or_absent(run_dir, "config.json"):
+        raise ConfigError(f"--output-dir: {run_dir} holds files but is not a run folder (no config.json); "
+                          f"give a new or empty folder, or a run folder to resume")
+
+
+@contextmanager
+def working_copy(run_dir: Path | str, writes: bool = True):
+    """Yield ``(folder, sync)``: the local folder a run writes, and the call that publishes it.
+
+    A local `run_dir` is its own working copy (`sync` does nothing). For a URL, Keras and
+    h5py cannot write an object store in place (they append and seek), so the run writes a
+    scratch copy in the user cache, pulled from `run_dir` first (a resumed run continues
+    from what was published) and mirrored to it by `sync` (`remote.Mirror`): after every
+    epoch, and at the end, including a failed end, so a crash loses at most the epoch that
+    was running. With `writes` False (a multi-worker run's other workers) nothing is sent.
+    The ownership rule is the local one: a remote folder that holds files but no
+    config.json is refused before anything is read or written.
+    """
+    if not remote.is_url(run_dir):
+        yield Path(run_dir), lambda: None
+        return
+    _claim(run_dir)
+    name = "".join(c if c.isalnum() else "_" for c in str(run_dir))[-40:]
+    with process_dir(user_cache_dir() / "remote-runs", f"{name}-") as scratch:
+        mirror = remote.Mirror(scratch / "run", str(run_dir))
+        mirror.pull()
+        (scratch / "run").mkdir(exist_ok=True)
+        log.info("run folder %s: working copy %s, published after every epoch", run_dir, scratch / "run")
+        sync = mirror.push if writes else (lambda: None)
+        try:
+            yield scratch / "run", sync
+        except BaseException:
+            try:  # what finished before the failure is complete (atomic writes): keep it
+                sync()
+            except Exception as e:
+                log.warning("could not publish the run folder to %s: %s", run_dir, e)
+            raise
+        sync()
+
+
+def load_run_config(run_dir: Path | str) -> Config:
+    path = remote.join(run_dir, "config.json")
+    if not remote.isfile(path):
         raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
-    return config_from_dict(read_json(path), str(path))
+    return config_from_dict(read_json(path), path)
 
 
 def read_run(run_dir: Path, checkpoint: str = "best") -> dict:

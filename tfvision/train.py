@@ -4,6 +4,7 @@ Reads top to bottom: validate the config (before TensorFlow is imported), read
 and split the data, check every file, build the task's model, run each
 training phase with `fit`, then evaluate the best checkpoint into the run
 folder. A killed run resumes when started again on the same run folder.
+The run folder may be ``gs://...`` (`tfvision.run.working_copy`).
 
 Exit codes: 0 success, 2 config or data error (one line on stderr), 1 otherwise.
 """
@@ -20,7 +21,8 @@ from tfvision import __version__
 from tfvision.cli import run_command
 from tfvision.config_loader import json_schema, load_config
 from tfvision.errors import DataError
-from tfvision.run import load_run_config, new_run_dir, open_run
+from tfvision.remote import is_url
+from tfvision.run import load_run_config, new_run_dir, open_run, working_copy
 
 log = logging.getLogger("tfvision.train")
 
@@ -31,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train a tfvision model from a JSON config. Exit 0 ok, 2 config/data error, 1 other.",
     )
     p.add_argument("--config", help="JSON config file (see configs/)")
-    p.add_argument("--output-dir", help="run folder (default runs/<config name>-<timestamp>); "
-                   "an existing run folder with the same config resumes")
+    p.add_argument("--output-dir", help="run folder (default runs/<config name>-<timestamp>), local or "
+                   "gs://...; an existing run folder with the same config resumes")
     p.add_argument("--resume", metavar="RUN_DIR", help="resume a run folder with its saved config")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY.PATH=VALUE",
                    help="override config values (JSON literal or string): --set a.b=1 c.d=x; repeatable")
@@ -55,7 +57,7 @@ def _command(args) -> int:
         print(json.dumps(json_schema(), indent=2))
         return 0
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = args.resume if is_url(args.resume) else Path(args.resume)
         cfg = load_run_config(run_dir)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -63,8 +65,8 @@ def _command(args) -> int:
     return train(cfg, run_dir, check_only=args.check_data, verbose=0 if args.quiet else 2)
 
 
-def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int:
-    """Run (or resume) training for a validated config into `run_dir`."""
+def train(cfg, run_dir: Path | str, check_only: bool = False, verbose: int = 2) -> int:
+    """Run (or resume) training for a validated config into `run_dir` (a folder or a URL)."""
     from tfvision.backend import select_backend
 
     select_backend(cfg.train.strategy)  # before Keras is imported: it reads KERAS_BACKEND once
@@ -76,12 +78,14 @@ def train(cfg, run_dir: Path, check_only: bool = False, verbose: int = 2) -> int
     # Before TensorFlow runs any op: MultiWorkerMirroredStrategy sets up its collectives at
     # program start. A data check alone needs no strategy (nor the other workers).
     runtime = None if check_only else distribute.setup(cfg)
-    # Only the chief writes `run_dir`; another worker writes a temporary copy (tfvision.distribute).
-    with distribute.write_folder(runtime, run_dir) as folder:
-        return _train_in(cfg, folder, check_only, verbose)
+    chief = runtime is None or runtime.is_chief
+    # A URL run folder is written as a local working copy and published by `sync`. Only the
+    # chief writes `run_dir`; another worker writes a temporary copy (tfvision.distribute).
+    with working_copy(run_dir, writes=chief) as (local, sync), distribute.write_folder(runtime, local) as folder:
+        return _train_in(cfg, folder, check_only, verbose, sync)
 
 
-def _train_in(cfg, run_dir: Path, check_only: bool, verbose: int) -> int:
+def _train_in(cfg, run_dir: Path, check_only: bool, verbose: int, sync=lambda: None) -> int:
     from tfvision.data import builtin
 
     if cfg.data.prepare and cfg.data.source != "tfrecord":
@@ -93,7 +97,7 @@ def _train_in(cfg, run_dir: Path, check_only: bool, verbose: int) -> int:
 
     from tfvision import training
 
-    return training.fit_run(cfg, run_dir, frame, rejected_missing, resuming, check_only, verbose)
+    return training.fit_run(cfg, run_dir, frame, rejected_missing, resuming, check_only, verbose, sync)
 
 
 def _read_samples(cfg, run_dir: Path):

@@ -50,7 +50,7 @@ def setup_runtime(cfg: Config) -> distribute.Runtime:
     return distribute.setup(cfg)  # the strategy and the mixed-precision policy
 
 
-def _callbacks(cfg: Config, run_dir: Path, phase: int, lr_groups: dict):
+def _callbacks(cfg: Config, run_dir: Path, phase: int, lr_groups: dict, sync=None):
     tr = cfg.train
     cbs = [
         LearningRateLogger(lr_groups),
@@ -71,13 +71,17 @@ def _callbacks(cfg: Config, run_dir: Path, phase: int, lr_groups: dict):
             min_lr=tr.schedule.min_lr, mode=monitor_mode(tr.monitor)))
     if tr.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+    if sync is not None:  # last: it publishes what the others wrote this epoch (a gs:// run folder)
+        cbs.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: sync()))
     return cbs
 
 
 # --------------------------------------------------------------------------- fit
 
 
-def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2) -> int:
+def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2, sync=None) -> int:
+    """Check the data, then train every phase not yet done into `run_dir`; `sync()` (if given)
+    publishes the folder after each epoch and phase (`tfvision.run.working_copy`)."""
     task = get_task(cfg.task, cfg)
     records = RecordInputs(cfg, task) if cfg.data.source == "tfrecord" else None
     if records:  # shards were decoded and checked at conversion; the report comes from the manifest
@@ -153,13 +157,15 @@ def fit_run(cfg, run_dir, frame, missing, resuming, check_only=False, verbose=2)
         model._initial_epoch = None  # BackupAndRestore leaves this set from an earlier phase
         history = model.fit(
             train_ds, validation_data=val_ds, epochs=end_epoch, initial_epoch=start_epoch,
-            steps_per_epoch=steps, validation_steps=val_steps, callbacks=_callbacks(cfg, run_dir, i, lr_groups),
+            steps_per_epoch=steps, validation_steps=val_steps, callbacks=_callbacks(cfg, run_dir, i, lr_groups, sync),
             verbose=verbose, shuffle=False,
         )
         if any(np.isnan(v).any() for v in history.history.values() if v):
             raise RuntimeError("training diverged (NaN loss); TerminateOnNaN stopped it")
         save_weights(model, run_dir / "checkpoints" / f"phase{i}.weights.h5")
         mark_phase_done(run_dir, i + 1)
+        if sync is not None:
+            sync()
         start_epoch = end_epoch
 
     if runtime.is_chief:  # the other workers' run folders are temporary
