@@ -101,6 +101,17 @@ def test_overrides_are_typed_and_validated(tmp_path, base):
     assert "train.batch_sise" in error_of(tmp_path, base, ["train.batch_sise=8"])
 
 
+def test_overrides_index_lists(tmp_path, base):
+    """A number in the key path indexes a list: one phase of a staged schedule, one hidden layer."""
+    base["train"].update(epochs=3, phases=[{"epochs": 1, "lr": 1e-3, "trainable": "head"}, {"epochs": 2, "lr": 1e-4}])
+    cfg = load_config(write(tmp_path, base), ["train.phases.1.lr=5e-5", "train.phases.0.trainable=all"])
+    assert (cfg.train.phases[0].trainable, cfg.train.phases[0].lr, cfg.train.phases[1].lr) == ("all", 1e-3, 5e-5)
+    assert "train.phases is a list of 2; index it with 0..1, not '2'" in error_of(
+        tmp_path, base, ["train.phases.2.lr=1e-4"])
+    assert "index it with 0..1, not 'last'" in error_of(tmp_path, base, ["train.phases.last.lr=1e-4"])
+    assert "train.phases[1].lrr: unknown key (did you mean 'lr'?)" in error_of(tmp_path, base, ["train.phases.1.lrr=1e-4"])
+
+
 def test_unknown_task_is_reported_with_a_hint(tmp_path, base):
     base["task"] = "clasification"
     assert "task: unknown task 'clasification' (did you mean 'classification'?)" in error_of(tmp_path, base)

@@ -38,14 +38,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `key.path=value` in `raw`; a number indexes a list (``train.phases.1.lr=1e-4``)."""
     for text in overrides or []:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {k!r} is not an object")
-        node[keys[-1]] = value
+        for depth, k in enumerate(keys):
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                path = ".".join(keys[:depth])
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ConfigError(f"--set {text!r}: {path} is a list of {len(node)}; index it with "
+                                      f"0..{len(node) - 1}, not {k!r}")
+                k = int(k)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {keys[depth - 1]!r} is not an object")
+            if last:
+                node[k] = value
+            else:
+                node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
     return raw
 
 
