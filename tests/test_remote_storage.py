@@ -26,7 +26,7 @@ from tfvision.data.pipeline import PipelineSpec
 from tfvision.data.sources import load_samples
 from tfvision.errors import ConfigError
 from tfvision.fileio import atomic_path, read_json
-from tfvision.run import read_splits
+from tfvision.run import read_splits, working_copy
 from tfvision.tasks import get_task
 from tfvision.train import main as train_main
 
@@ -102,6 +102,18 @@ def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def test_only_a_writing_process_publishes_and_the_working_copy_goes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFVISION_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(_write(tmp_path / "c.json", json.dumps({"data": {"source": "folders", "root": "ram://x"},
+                                                               "model": {"backbone": "small_cnn"}})))
+    for writes, expected in ((False, []), (True, ["notes.txt"])):
+        with working_copy("ram://copies/run", cfg, writes=writes) as (local, sync):
+            (local / "notes.txt").write_text("{}")
+            sync()
+        assert url_tree("ram://copies/run") == expected and not local.exists()
+    assert list((tmp_path / "cache" / "remote-runs").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- shards and runs on ram://
@@ -205,11 +217,14 @@ def test_a_remote_folder_that_is_not_ours_is_refused(small_digits, tmp_path, cap
     cfg_path = write_config(small_digits, tmp_path)
     assert train_main(["--config", str(cfg_path), "--output-dir", "ram://theirs/out", "--quiet"]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+    remote.put(_write(tmp_path / "c.json", '{"seed": 1}'), "ram://theirs/run/config.json")  # another run
+    assert train_main(["--config", str(cfg_path), "--output-dir", "ram://theirs/run", "--quiet"]) == 2
+    assert "ram://theirs/run: this run folder was started with a different config" in capsys.readouterr().err
     assert convert_main(["--config", str(cfg_path), "--output", "ram://theirs/out", "--quiet"]) == 2
     assert "not a conversion's" in capsys.readouterr().err
     assert convert_main(["--config", str(cfg_path), "--output", "ram://theirs/x", "--workers", "1", "--quiet"]) == 2
     assert "--workers" in capsys.readouterr().err
-    assert url_tree("ram://theirs") == ["out/notes.txt"]
+    assert url_tree("ram://theirs") == ["out/notes.txt", "run/config.json"]
 
 
 def test_sources_that_need_local_files_name_the_key(tmp_path):

@@ -56,21 +56,34 @@ def _diff(a, b, prefix="") -> list[str]:
 
 def open_run(run_dir: Path, cfg: Config) -> bool:
     """Create `run_dir` or check it belongs to `cfg`. Returns True when resuming."""
-    saved = run_dir / "config.json"
-    current = json.loads(json.dumps(cfg.to_dict()))
-    if saved.exists():
-        previous = read_json(saved)
-        changed = _diff(previous, current)
-        if changed:
-            raise ConfigError(
-                f"{run_dir}: this run folder was started with a different config "
-                f"(differs at {', '.join(changed[:5])}); use another --output-dir, or --resume {run_dir}"
-            )
+    if _same_config(run_dir, cfg):
         return True
     _claim(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(saved, current)
+    write_json(run_dir / "config.json", _plain(cfg))
     return False
+
+
+def _plain(cfg: Config) -> dict:
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def _same_config(run_dir: Path | str, cfg: Config) -> bool:
+    """True when `run_dir` is a run of `cfg`; False when it has no config.json (not a run yet).
+
+    Raises:
+        ConfigError: it is a run of another config.
+    """
+    saved = remote.join(run_dir, "config.json")
+    if not remote.isfile(saved):
+        return False
+    changed = _diff(read_json(saved), _plain(cfg))
+    if changed:
+        raise ConfigError(
+            f"{run_dir}: this run folder was started with a different config "
+            f"(differs at {', '.join(changed[:5])}); use another --output-dir, or --resume {run_dir}"
+        )
+    return True
 
 
 def _claim(run_dir) -> None:
@@ -81,7 +94,7 @@ def _claim(run_dir) -> None:
 
 
 @contextmanager
-def working_copy(run_dir: Path | str, writes: bool = True):
+def working_copy(run_dir: Path | str, cfg: Config, writes: bool = True):
     """Yield ``(folder, sync)``: the local folder a run writes, and the call that publishes it.
 
     A local `run_dir` is its own working copy (`sync` does nothing). For a URL, Keras and
@@ -90,13 +103,14 @@ def working_copy(run_dir: Path | str, writes: bool = True):
     from what was published) and mirrored to it by `sync` (`remote.Mirror`): after every
     epoch, and at the end, including a failed end, so a crash loses at most the epoch that
     was running. With `writes` False (a multi-worker run's other workers) nothing is sent.
-    The ownership rule is the local one: a remote folder that holds files but no
-    config.json is refused before anything is read or written.
+    The rules are `open_run`'s, checked on the remote folder before anything is copied: a
+    folder that holds files but no config.json is refused, as is a run of another config.
     """
     if not remote.is_url(run_dir):
         yield Path(run_dir), lambda: None
         return
-    _claim(run_dir)
+    if not _same_config(run_dir, cfg):
+        _claim(run_dir)
     name = "".join(c if c.isalnum() else "_" for c in str(run_dir))[-40:]
     with process_dir(user_cache_dir() / "remote-runs", f"{name}-") as scratch:
         mirror = remote.Mirror(scratch / "run", str(run_dir))

@@ -81,7 +81,7 @@ def train(cfg, run_dir: Path | str, check_only: bool = False, verbose: int = 2) 
     chief = runtime is None or runtime.is_chief
     # A URL run folder is written as a local working copy and published by `sync`. Only the
     # chief writes `run_dir`; another worker writes a temporary copy (tfvision.distribute).
-    with working_copy(run_dir, writes=chief) as (local, sync), distribute.write_folder(runtime, local) as folder:
+    with working_copy(run_dir, cfg, writes=chief) as (local, sync), distribute.write_folder(runtime, local) as folder:
         return _train_in(cfg, folder, check_only, verbose, sync)
 
 
