@@ -95,8 +95,10 @@ def isdir(path) -> bool:
 
 def isfile(path) -> bool:
     if is_url(path):
-        g = _gfile()
-        return g.exists(str(path)) and not g.isdir(str(path))
+        try:  # one request per file: sources ask this of every listed image
+            return not _gfile().stat(str(path)).is_directory
+        except _not_found():
+            return False
     return os.path.isfile(path)
 
 
