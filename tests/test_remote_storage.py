@@ -224,6 +224,9 @@ def test_a_remote_folder_that_is_not_ours_is_refused(small_digits, tmp_path, cap
     assert "not a conversion's" in capsys.readouterr().err
     assert convert_main(["--config", str(cfg_path), "--output", "ram://theirs/x", "--workers", "1", "--quiet"]) == 2
     assert "--workers" in capsys.readouterr().err
+    inside = write_config("ram://theirs/out", tmp_path, "inside.json")  # data.root on ram://
+    assert convert_main(["--config", str(inside), "--output", "ram://theirs/out/shards", "--quiet"]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
     assert url_tree("ram://theirs") == ["out/notes.txt", "run/config.json"]
 
 
