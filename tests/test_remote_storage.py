@@ -235,3 +235,15 @@ def test_sources_that_need_local_files_name_the_key(tmp_path):
                                                 "model": {"backbone": "small_cnn", "weights": None}}))
     with pytest.raises(ConfigError, match="data.root: gs://bucket/ham is a URL"):
         load_config(p)
+
+
+def test_beam_writes_the_same_shards_to_ram(small_digits, tmp_path):
+    pytest.importorskip("apache_beam")
+    from tfvision.data.beam import convert_beam
+
+    cfg = load_config(write_config(small_digits, tmp_path))
+    local = convert(cfg, tmp_path / "local", shard_mb=SHARD_MB, progress=False)
+    beam = convert_beam(cfg, "ram://beam/shards", shard_mb=SHARD_MB)  # the in-process DirectRunner
+    assert {k: v for k, v in beam.items() if k != "created"} == {k: v for k, v in local.items() if k != "created"}
+    assert records("ram://beam/shards") == records(str(tmp_path / "local"))
+    assert url_tree("ram://beam/shards") == sorted(p.name for p in (tmp_path / "local").iterdir())
