@@ -31,8 +31,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SCHEMES = ("gs://", "ram://")  # what is tested (ram://) and documented (gs://); see `is_url`
-
 
 def is_url(path) -> bool:
     """True for a ``scheme://`` path, which `pathlib` would mangle (``Path("gs://b")`` is ``gs:/b``)."""
@@ -126,11 +124,6 @@ def files_under(root) -> list[str]:
 # --------------------------------------------------------------------------- reading and writing
 
 
-def open_file(path, mode: str = "rb"):
-    """`open` for a local path, ``gfile.GFile`` for a URL (both are context managers)."""
-    return _gfile().GFile(str(path), mode) if is_url(path) else open(path, mode)
-
-
 def read_bytes(path) -> bytes:
     if is_url(path):
         with _gfile().GFile(str(path), "rb") as f:
@@ -215,7 +208,6 @@ def copy_tree(src, dst) -> list[str]:
     return names
 
 
-
 class Mirror:
     """Keeps the URL folder `url` a copy of the local working folder `local`.
 
@@ -229,8 +221,8 @@ class Mirror:
     Only for a folder tfvision owns (a run folder), since `pull` clears temporary names.
 
     >>> mirror = Mirror("/tmp/run", "gs://bucket/runs/a")
-    >>> mirror.pull()   # the remote files, e.g. to resume
-    >>> mirror.push()   # after each epoch, and at the end
+    >>> mirror.pull()  # the remote files, e.g. to resume  # doctest: +SKIP
+    >>> mirror.push()  # after each epoch, and at the end  # doctest: +SKIP
     """
 
     def __init__(self, local, url: str):
