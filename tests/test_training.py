@@ -183,6 +183,8 @@ def test_killed_run_resumes_where_it_stopped(small_digits, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "run finished before it could be killed"
     assert not (run / "metrics.json").exists()
+    from tfvision.models import layers  # noqa: F401  (registers tfvision's layers, as predict's loader does)
+
     keras.saving.load_model(run / "checkpoints" / "last.keras", compile=False)  # never half-written
 
     r = run_cli(*cmd[1:])
