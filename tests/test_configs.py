@@ -268,7 +268,7 @@ def test_evaluate(trained):
     for name in embedded:  # every figure the report shows is there, as a PNG
         with Image.open(run.dir / "eval" / "val" / name) as im:
             assert im.format == "PNG", name
-    if task == "instance_segmentation":
+    if task in ("instance_segmentation", "segmentation"):
         assert "overlays.png" in embedded, embedded
 
 

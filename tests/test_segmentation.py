@@ -119,3 +119,30 @@ def test_mixup_on_segmentation_is_refused_before_the_run_folder(tmp_path, capsys
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "augment.mix.mixup_alpha" in lines[0] and "CutMix" in lines[0], lines
     assert not run.exists()
+
+
+def test_overlays_draw_each_class_where_it_is(tmp_path):
+    """plots.mask_overlays, as the segmentation and instance reports use it: each mask is drawn
+    where it is, at its size, in its panel only; a panel with nothing predicted stays grey."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from tfvision.plots import mask_overlays
+
+    image = np.full((40, 40, 1), 128.0)
+    truth = np.zeros((2, 40, 40), bool)
+    truth[0, 5:15, 5:15] = True  # class 1: 10 x 10, top left
+    truth[1, 25:35, 20:35] = True  # class 2: 10 x 15, bottom right
+    path = mask_overlays([(image, [("ground truth", truth, None), ("predicted", np.zeros_like(truth), None)])],
+                         tmp_path / "o.png")
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    coloured = np.abs(rgb - rgb.mean(axis=-1, keepdims=True)).sum(axis=-1) > 30
+    left, right = coloured[:, : rgb.shape[1] // 2], coloured[:, rgb.shape[1] // 2:]
+    assert not right.any()
+    blobs, n = ndimage.label(left)
+    assert n == 2
+    (y1, x1), (y2, x2) = ndimage.center_of_mass(left, blobs, [1, 2])
+    assert y1 < y2 and x1 < x2
+    areas = ndimage.sum(left, blobs, [1, 2])
+    assert areas[0] / areas[1] == pytest.approx(100 / 150, rel=0.15)

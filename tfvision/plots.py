@@ -19,7 +19,7 @@ from tfvision.fileio import atomic_path
 
 __all__ = [
     "confusion_matrix_plot",
-    "instance_overlays",
+    "mask_overlays",
     "per_class_bars",
     "pr_curves",
     "reliability_diagram",
@@ -331,38 +331,41 @@ def per_class_bars(per_class: dict, metric: str, path) -> str:
     return _save(fig, path)
 
 
-def instance_overlays(panels, path) -> str:
-    """One row per image: its ground-truth instances, then the predicted ones, each instance a
-    colour over the image with its outline (predictions labelled "class score").
+def mask_overlays(rows, path) -> str:
+    """Images with masks drawn over them, side by side: one row per image, one panel per layer
+    (e.g. ground truth, then predictions). Each mask gets a colour by its position in its layer
+    (so class k has one colour in every panel when layers list masks by class), its outline,
+    and its label, if any, at its first pixel.
 
     Args:
-        panels: per image, (image [H, W, C] on the 0..255 scale, ground truth [N, H, W],
-            predictions [M, H, W], M labels).
+        rows: per image, (image [H, W, C] on the 0..255 scale, [(panel title, masks [N, H, W],
+            N labels or None), ...]).
         path: PNG file to write.
 
     Returns:
         ``path``.
     """
-    if not panels:
+    if not rows:
         raise ValueError("no images to draw")
     plt = _pyplot()
-    colours = plt.get_cmap("tab20").colors
-    fig, axes = plt.subplots(len(panels), 2, figsize=(7, 3.3 * len(panels)), squeeze=False)
-    for row, (image, truth, predicted, labels) in zip(axes, panels, strict=True):
+    colours = plt.get_cmap("tab10").colors  # saturated, so that each reads over grey pixels
+    columns = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(3.5 * columns, 3.3 * len(rows)), squeeze=False)
+    for axs, (image, layers) in zip(axes, rows, strict=True):
         image = np.asarray(image, np.float32)
-        grey = image[..., 0] if image.shape[-1] == 1 else image
-        grey = np.clip(grey / 255.0, 0.0, 1.0)
-        for ax, masks, names, title in ((row[0], truth, None, f"ground truth ({len(truth)})"),
-                                        (row[1], predicted, labels, f"predicted ({len(predicted)})")):
-            ax.imshow(grey, cmap="gray" if grey.ndim == 2 else None, vmin=0, vmax=1)
+        shown = np.clip((image[..., 0] if image.shape[-1] == 1 else image) / 255.0, 0.0, 1.0)
+        for ax, (title, masks, labels) in zip(axs, layers, strict=True):
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
             for i, mask in enumerate(np.asarray(masks, bool)):
+                if not mask.any():
+                    continue
                 colour = colours[i % len(colours)]
                 ax.imshow(np.dstack([np.broadcast_to(colour, mask.shape + (3,)), mask * 0.45]))
-                if mask.any() and not mask.all():  # contour needs both sides
+                if not mask.all():  # an outline needs both sides
                     ax.contour(mask, levels=[0.5], colors=[colour], linewidths=0.8)
-                if names is not None and mask.any():
+                if labels is not None:
                     y, x = np.argwhere(mask)[0]
-                    ax.text(x, y, names[i], color="white", fontsize=6, va="bottom",
+                    ax.text(x, y, labels[i], color="white", fontsize=6, va="bottom",
                             bbox={"facecolor": colour, "alpha": 0.7, "pad": 0.5, "linewidth": 0})
             ax.set_title(title, fontsize="small")
             ax.axis("off")

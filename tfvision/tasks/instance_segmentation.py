@@ -248,7 +248,7 @@ class InstanceSegmentation(Task):
     def report_figures(self, model, dataset, class_names, out, n_images: int = 6):
         """The split's first images with their ground truth and the detections as scored (mask
         threshold, overlaps removed, min_area), at the model's input size."""
-        from tfvision.plots import instance_overlays
+        from tfvision.plots import mask_overlays
 
         panels = []
         for images, targets in dataset:
@@ -256,12 +256,15 @@ class InstanceSegmentation(Task):
             for b in range(min(len(images), n_images - len(panels))):
                 present = targets["classes"][b].numpy() >= 0
                 masks, classes, confidence, _ = self.output.detections(found, b, tuple(images.shape[1:3]))
-                panels.append((images[b].numpy(), targets["masks"][b].numpy()[present] > 0, masks,
-                               [f"{class_names[k]} {p:.2f}" for k, p in zip(classes, confidence, strict=True)]))
+                truth = targets["masks"][b].numpy()[present] > 0
+                panels.append((images[b].numpy(), [
+                    (f"ground truth ({len(truth)})", truth, None),
+                    (f"predicted ({len(masks)})", masks,
+                     [f"{class_names[k]} {p:.2f}" for k, p in zip(classes, confidence, strict=True)])]))
             if len(panels) == n_images:
                 break
         title = f"Detections against ground truth: the first {len(panels)} images, at the model's input size"
-        return [(title, instance_overlays(panels, out / "overlays.png"))]
+        return [(title, mask_overlays(panels, out / "overlays.png"))]
 
     def report_lines(self, metrics, class_names):
         rows = ["| | AP | AP50 | AP75 |", "|---|---|---|---|"] + [

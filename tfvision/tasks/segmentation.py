@@ -139,9 +139,7 @@ class Segmentation(Task):
         scores = [DiceScore(k), IoUScore(k)]
         forward = compiled_forward(model)  # the metrics' updates run eagerly: a few sums per batch
         for x, y in dataset:
-            out = forward(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out["logits"] if isinstance(out, dict) else out
-            y = y["logits"] if isinstance(y, dict) else y
+            out, y = _logits(forward(x)), _logits(y)
             for m in scores:
                 m.update_state(np.asarray(y), out)
         # NaN: the class is absent from truth and prediction, so it is not scored.
@@ -149,6 +147,25 @@ class Segmentation(Task):
         names = inputs.class_names
         return {"dice_macro": macro(dice), "dice_per_class": dict(zip(names, dice, strict=True)),
                 "iou_macro": macro(iou), "iou_per_class": dict(zip(names, iou, strict=True))}
+
+    def report_figures(self, model, dataset, class_names, out, n_images: int = 6):
+        """The split's first slices: ground-truth classes beside the predicted ones (argmax), each
+        class but the first (background) in its own colour, at the model's input size."""
+        from tfvision.models.forward import compiled_forward
+        from tfvision.plots import mask_overlays
+
+        forward, rows = compiled_forward(model), []
+        classes = np.arange(1, len(class_names))[:, None, None]
+        for x, y in dataset:
+            predicted, truth = (np.argmax(np.asarray(_logits(v)), axis=-1) for v in (forward(x), y))
+            for b in range(min(len(predicted), n_images - len(rows))):
+                rows.append((np.asarray(x[b]), [
+                    (title, labels[b][None] == classes, [str(c) for c in class_names[1:]])
+                    for title, labels in (("ground truth", truth), ("predicted", predicted))]))
+            if len(rows) == n_images:
+                break
+        title = f"Predicted classes against ground truth: the first {len(rows)} slices, at the model's input size"
+        return [(title, mask_overlays(rows, out / "overlays.png"))]
 
     def report_lines(self, metrics, class_names):
         rows = ["| class | Dice | IoU |", "|---|---|---|"] + [
@@ -163,3 +180,9 @@ class Segmentation(Task):
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _logits(out):
+    """The per-pixel class scores from a model's (or a batch's) output: a tensor, a list whose
+    first entry it is, or a dict's "logits"."""
+    return out[0] if isinstance(out, list | tuple) else out["logits"] if isinstance(out, dict) else out
