@@ -14,7 +14,7 @@ from tfvision.data import augment as aug
 from tfvision.data.check import check_files
 from tfvision.data.decode import decode, decode_resized
 from tfvision.data.mix import mix_batch
-from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, crop_window
+from tfvision.data.pipeline import PipelineSpec, Samples, build_dataset, crop_window, per_iterator
 
 OFF = AugmentParams(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hflip=0, vflip=0, affine_p=0, color_p=0,
                     noise_p=0, blur_p=0, erase_p=0)
@@ -492,3 +492,20 @@ def test_dataset_normalization_statistics_match_numpy(odd_images):
     mean, std = channel_stats(s, spec)
     np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0), rtol=1e-5)
     np.testing.assert_allclose(std, images.reshape(-1, 3).std(0), rtol=1e-4)
+
+
+def test_per_iterator_starts_every_iterator_at_the_same_first_pass():
+    """Keras on JAX peeks at a batch through an iterator of its own before `fit`; how far that
+    one reads ahead must not change the order `fit` sees (tests/test_jax_backend.py)."""
+    def passes():
+        return tf.data.Dataset.range(8).shuffle(8, seed=0, reshuffle_each_iteration=True).repeat()
+
+    def read(ds, n):
+        it = iter(ds.batch(8))
+        return [next(it).numpy().tolist() for _ in range(n)]
+
+    fresh = per_iterator(passes)
+    first = read(fresh, 3)  # three passes: a peek whose prefetch ran ahead
+    assert read(fresh, 3) == first and first[0] != first[1]  # and each pass reshuffles
+    shared = passes()  # the shuffle's seed generator is shared by the dataset's iterators
+    assert read(shared, 3) == first and read(shared, 1)[0] != first[0]

@@ -108,6 +108,22 @@ def _element_seeds(seed: int) -> tf.data.Dataset:
     return rand.batch(2).map(lambda s: tf.cast(s % (2**31 - 1), tf.int32))
 
 
+def per_iterator(make) -> tf.data.Dataset:
+    """The dataset ``make()`` returns, built anew for every iterator over it.
+
+    A ``shuffle(reshuffle_each_iteration=True)`` draws each pass's order from one seed generator
+    per dataset, shared by all of its iterators, and ``repeat`` draws the next order as soon as
+    any iterator reads ahead into the next pass. Keras 3.15 on JAX (and on TensorFlow under a
+    tf.distribute strategy) opens an iterator to peek at one batch before `fit` and drops it,
+    so the batches `fit` trained on depended on how far that iterator's prefetch had run: one
+    of two orders at random, even with ``data.deterministic``. Built inside ``flat_map``, the
+    generators are the iterator's own, and every iterator starts at the same first pass.
+
+    >>> ds = per_iterator(lambda: source.shuffle(n, seed=0).repeat())
+    """
+    return tf.data.Dataset.range(1).flat_map(lambda _: make())
+
+
 def build_dataset(
     samples: Samples, spec: PipelineSpec, *, training: bool, repeat: bool = False, format_batch=None,
     decode_targets=None,
@@ -134,7 +150,10 @@ def build_dataset(
         columns["mask_path"] = samples.mask_paths.astype(str)
     columns.update(samples.extra or {})
     if training and samples.sampling is not None:
-        ds = weighted_dataset(columns, samples.sampling, spec.seed)
+        def weighted():
+            return weighted_dataset(columns, samples.sampling, spec.seed)
+
+        ds = per_iterator(weighted) if repeat else weighted()  # it repeats shuffles: see per_iterator
     else:
         ds = tf.data.Dataset.from_tensor_slices(columns)
     if training and spec.cache and samples.sampling is None:  # cache the file bytes; decoding stays per epoch (random crops)
@@ -206,11 +225,14 @@ def from_elements(
         return out
 
     if training:
-        ds = ds.shuffle(min(size_hint or spec.shuffle_buffer, spec.shuffle_buffer), seed=spec.seed,
-                        reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed))
+        source, buffer = ds, min(size_hint or spec.shuffle_buffer, spec.shuffle_buffer)
+
+        def passes():
+            shuffled = source.shuffle(buffer, seed=spec.seed, reshuffle_each_iteration=True)
+            return tf.data.Dataset.zip(shuffled.repeat() if repeat else shuffled, _element_seeds(spec.seed))
+
+        # Without repeat, each epoch is an iterator of its own and must reshuffle.
+        ds = per_iterator(passes) if repeat else passes()
         ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=spec.deterministic)
     else:
         ds = ds.map(lambda s: load(s, tf.zeros([2], tf.int32)), num_parallel_calls=AUTOTUNE,
@@ -237,7 +259,8 @@ def from_elements(
                       deterministic=spec.deterministic or not training)
     # On the device, batches are seeded per step and replica; a [2] seed here would be split among replicas.
     if training and not on_device:
-        ds = tf.data.Dataset.zip(ds, _element_seeds(spec.seed + 1))
+        seed = spec.seed + 1
+        ds = tf.data.Dataset.zip(ds, per_iterator(lambda: _element_seeds(seed)) if repeat else _element_seeds(seed))
         ds = ds.map(lambda b, s: {**b, "seed": s}, num_parallel_calls=AUTOTUNE)
         if do_aug and spec.mix_p > 0:
             ds = ds.map(lambda b: mix_batch(b, spec.mixup_alpha, spec.cutmix_alpha, spec.mix_p),
