@@ -14,10 +14,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tfvision.backend import select_backend
+from tfvision.backend import select_backend, use_tensorflow
 from tfvision.errors import ConfigError
 
 pytest.importorskip("jax")
@@ -62,6 +63,24 @@ def test_select_backend_leaves_default_and_a_matching_backend(monkeypatch):
     assert select_backend("mirrored") == "tensorflow"
     with pytest.raises(ConfigError, match="Keras was imported with it already"):
         select_backend("jax")
+
+
+def test_use_tensorflow_overrides_keras_backend_jax_before_keras_is_imported(monkeypatch, caplog):
+    monkeypatch.delitem(sys.modules, "keras", raising=False)
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    use_tensorflow("export")
+    assert os.environ["KERAS_BACKEND"] == "tensorflow"
+    assert "export runs on Keras's TensorFlow backend; KERAS_BACKEND=jax is ignored" in caplog.text
+
+
+def test_use_tensorflow_refuses_once_keras_has_another_backend(monkeypatch):
+    class JaxKeras:  # what `import keras` leaves in sys.modules under KERAS_BACKEND=jax
+        class backend:
+            backend = staticmethod(lambda: "jax")
+
+    monkeypatch.setitem(sys.modules, "keras", JaxKeras)
+    with pytest.raises(ConfigError, match="predict needs Keras's TensorFlow backend"):
+        use_tensorflow("predict")
 
 
 def test_cli_refuses_jax_strategy_on_tensorflow_backend(tmp_path):
@@ -184,7 +203,8 @@ def train(root, run, *sets, env=None, timeout=600):
 @pytest.mark.configs
 def test_demo_on_jax_matches_tensorflow_and_exports_on_tensorflow(tmp_path, digits_root):
     """The demo on 2 fake devices reaches TensorFlow's accuracy; the run folder has TensorFlow's
-    files; its best.keras exports through the TensorFlow backend with --verify passing."""
+    files; with KERAS_BACKEND=jax still set, export (--verify passing), evaluate and predict run
+    it on the TensorFlow backend."""
     jax_run, tf_run = tmp_path / "jax", tmp_path / "tf"
     epochs = ['train.phases=[{"epochs": 2, "trainable": "all"}]', "train.batch_size=32"]
     metrics = train(digits_root, jax_run, *epochs, "train.strategy=jax", env=JAX_ENV)
@@ -200,18 +220,23 @@ def test_demo_on_jax_matches_tensorflow_and_exports_on_tensorflow(tmp_path, digi
     assert weights_h5(jax_run / "checkpoints" / "phase0.weights.h5").keys() == \
         weights_h5(tf_run / "checkpoints" / "phase0.weights.h5").keys()
 
+    # As in a Kaggle notebook that set KERAS_BACKEND=jax for training: the commands switch to
+    # TensorFlow themselves, with a notice.
     out = run_cli("-m", "tfvision.export", "--run", str(jax_run), "--verify", "--n-images", "8",
-                  env={"KERAS_BACKEND": "tensorflow"}, timeout=600)
+                  env=JAX_ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "export runs on Keras's TensorFlow backend; KERAS_BACKEND=jax is ignored" in out.stderr
     manifests = list((jax_run / "export").glob("*.json"))
     assert manifests and any(json.loads(m.read_text()).get("verified") for m in manifests), manifests
+    out = run_cli("-m", "tfvision.evaluate", "--run", str(jax_run), env=JAX_ENV, timeout=600)
+    assert out.returncode == 0 and "evaluate runs on Keras's TensorFlow backend" in out.stderr, out.stderr[-3000:]
+    out = run_cli("-m", "tfvision.predict", "--run", str(jax_run), "--input-dir", str(digits_root / "images"),
+                  "--output", str(tmp_path / "predictions.csv"), env=JAX_ENV, timeout=600)
+    assert out.returncode == 0 and "predict runs on Keras's TensorFlow backend" in out.stderr, out.stderr[-3000:]
+    assert len((tmp_path / "predictions.csv").read_text().splitlines()) == 1 + 1797
 
 
-# Not reliable yet, so out of CI (-m slow): its author measured a max difference of 6.9e-3 (4 SGD
-# steps), a clean-clone CI run 3.4e-2 (the Adam version) and a later run 0.21, in a BatchNorm
-# moving variance. test_data_parallel_over_two_devices_matches_one checks the same rule at the
-# API level (6e-4). Something in the CLI path differs between the 1- and 2-device runs.
-@pytest.mark.slow
+@pytest.mark.configs  # two CLI trainings on JAX: about 2 minutes on 2 loaded cores
 def test_demo_on_two_devices_matches_one_device_at_the_same_global_batch(tmp_path, small_digits):
     """The CLI end to end: 2 devices x 16 per device at 2x the rate (the linear rule) train the
     weights one device does with batch 32 at 2x the rate. Plain SGD: Adam turns the rounding
@@ -228,10 +253,16 @@ def test_demo_on_two_devices_matches_one_device_at_the_same_global_batch(tmp_pat
     one = weights_h5(tmp_path / "one" / "checkpoints" / "phase0.weights.h5")
     assert two.keys() == one.keys()
     diff = {k: float(np.abs(two[k] - one[k]).max()) for k in two}
-    print("max |w(2 devices) - w(1 device)| after 4 SGD steps:", max(diff.values()))
-    # Measured 1.2e-3 (kernels) and 6.8e-3 (BatchNorm moving variance, values up to 4) on 2 cores:
-    # float32 reductions split in two, through BatchNorm at lr 0.1.
-    assert max(diff.values()) < 2e-2, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+    losses = [float(pd.read_csv(tmp_path / r / "history.csv")["loss"].iloc[-1]) for r in ("one", "two")]
+    print("max |w(2 devices) - w(1 device)| after 4 SGD steps:", max(diff.values()), "mean loss", losses)
+    # Both must see the same batches: until tfvision.data.pipeline.per_iterator, the batches fit
+    # trained on depended on how far Keras's peek iterator had read ahead, and the two runs
+    # differed by 3e-2 to 0.2 (8e-2 after 2 steps, as much as the weights moved). Same batches:
+    # the mean training loss agrees within 1e-4, the weights within 1.6e-3 (3 runs on 2 loaded
+    # cores; BatchNorm moving variance and the first kernel), float32 sums split in two and
+    # amplified through 4 steps at lr 0.1, as in test_data_parallel_over_two_devices_matches_one.
+    assert abs(losses[0] - losses[1]) < 1e-3, losses
+    assert max(diff.values()) < 1e-2, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["replicas"] == 2
     assert json.loads((tmp_path / "one" / "run.json").read_text())["replicas"] == 1
 

@@ -9,15 +9,20 @@ asks for another backend stops with a `ConfigError` naming the fix.
 'jax'
 
 The ``tf.distribute`` strategies (mirrored, multi_worker, tpu) need the TensorFlow backend;
-``default`` runs on whichever backend Keras has (one device). Nothing here imports Keras.
+``default`` runs on whichever backend Keras has (one device). Export, evaluate, predict and
+extract always run on TensorFlow (`use_tensorflow`), whatever KERAS_BACKEND says: a checkpoint
+trained on JAX is a Keras file like any other. Nothing here imports Keras.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from tfvision.errors import ConfigError
+
+log = logging.getLogger("tfvision.backend")
 
 # train.strategy -> the backend it needs (None: either)
 STRATEGY_BACKEND = {"default": None, "jax": "jax", "mirrored": "tensorflow",
@@ -54,3 +59,24 @@ def select_backend(strategy: str) -> str:
     raise ConfigError(f"train.strategy: {strategy!r} is a tf.distribute strategy and needs the TensorFlow "
                       f"backend, but this process has {have!r} ({how}); use train.strategy 'jax' "
                       "(keras.distribution over all devices) or 'default' (one device) on JAX")
+
+
+def use_tensorflow(command: str) -> None:
+    """Give `command` Keras's TensorFlow backend: SavedModel, ONNX and TFLite are TensorFlow
+    formats, and serving, TTA and Grad-CAM run TensorFlow functions.
+
+    KERAS_BACKEND=jax, as a Kaggle TPU notebook sets it for training, is overridden with a
+    one-line notice, so a JAX run exports, evaluates and predicts in the same environment.
+
+    Raises:
+        ConfigError: Keras was imported with another backend already (only in-process use).
+    """
+    have = current_backend()
+    if have == "tensorflow":
+        return
+    if "keras" in sys.modules:
+        raise ConfigError(f"{command} needs Keras's TensorFlow backend, but this process imported Keras "
+                          f"with {have!r}; run it in a process of its own")
+    log.warning("note: %s runs on Keras's TensorFlow backend; KERAS_BACKEND=%s is ignored here",
+                command, os.environ["KERAS_BACKEND"])
+    os.environ["KERAS_BACKEND"] = "tensorflow"

@@ -57,6 +57,9 @@ def main(argv=None) -> int:
 
 
 def _command(args) -> int:
+    from tfvision.backend import use_tensorflow
+
+    use_tensorflow("evaluate")  # before Keras is imported
     out = evaluate(args.run, args.split, tta=args.tta, ensemble=args.ensemble, ordinal=args.ordinal,
                    match_distribution=args.match_distribution, batch_size=args.batch_size)
     log.info("report: %s", out / "report.md")

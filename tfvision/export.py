@@ -352,6 +352,9 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """The export command on parsed arguments (`UserError` -> exit 2 in `tfvision.cli`)."""
+    from tfvision.backend import use_tensorflow
+
+    use_tensorflow("export")  # before Keras is imported
     run_dir = Path(args.run)
     output = Path(args.output) if args.output else run_dir / "export"
     formats = list(FORMATS) if args.format == "all" else [args.format]

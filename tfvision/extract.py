@@ -535,6 +535,9 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """The extract command on parsed arguments (`UserError` -> exit 2 in `tfvision.cli`)."""
+    from tfvision.backend import use_tensorflow
+
+    use_tensorflow("extract")  # before Keras is imported
     out = Path(args.output)
     if not Path(args.input).exists():
         raise DataError(f"--input: {args.input} does not exist")

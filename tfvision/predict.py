@@ -87,6 +87,9 @@ def list_images(folder) -> list[str]:
 
 
 def predict(args) -> int:
+    from tfvision.backend import use_tensorflow
+
+    use_tensorflow("predict")  # before Keras is imported
     from tfvision import inference
 
     _check_outputs(args)  # before the model loads: a refusal should cost nothing
