@@ -8,10 +8,12 @@ own ``ram://<test name>/`` prefix, since the filesystem outlives a test.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import keras
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -25,7 +27,10 @@ from tfvision.data.inputs import FileInputs
 from tfvision.data.pipeline import PipelineSpec
 from tfvision.data.sources import load_samples
 from tfvision.errors import ConfigError
+from tfvision.evaluate import main as evaluate_main
+from tfvision.export import main as export_main
 from tfvision.fileio import atomic_path, read_json
+from tfvision.predict import main as predict_main
 from tfvision.run import read_splits, working_copy
 from tfvision.tasks import get_task
 from tfvision.train import main as train_main
@@ -169,6 +174,20 @@ def test_convert_verify_train_and_resume_on_ram(small_digits, tmp_path, monkeypa
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1"]  # each epoch once
     assert read_json(remote.join(run, "metrics.json"))["n_val"] == ours["counts"]["val"]
     assert checksums(small_digits) == before  # nothing written into the input folder
+
+    # The commands that read a run take the URL too: evaluate's and export's outputs go back there.
+    cache = Path(os.environ["TFVISION_CACHE"]) / "remote-runs"
+    assert evaluate_main(["--run", run]) == 0
+    scores = read_json(remote.join(run, "eval/val/metrics.json"))
+    assert scores["n"] == ours["counts"]["val"] and "report.md" in remote.listdir(remote.join(run, "eval/val"))
+    assert export_main(["--run", run, "--format", "savedmodel", "--verify", "--images", str(small_digits / "images")]) == 0
+    assert "saved_model.pb" in remote.listdir(remote.join(run, "export/savedmodel"))
+    predictions = tmp_path / "predictions.csv"
+    assert predict_main(["--run", run, "--input-dir", str(small_digits / "images"), "--output", str(predictions)]) == 0
+    assert len(pd.read_csv(predictions)) == 300
+    assert not any(cache.iterdir())  # every scratch copy went
+    assert not any(remote.is_temp(f.rsplit("/", 1)[-1]) for f in url_tree(run))
+    assert checksums(small_digits) == before
 
 
 def test_loose_files_on_ram_are_listed_checked_and_read_by_the_pipeline(small_digits, tmp_path):

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m tfvision.evaluate",
         description="Evaluate a run folder: metrics, calibration, thresholds, plots and report.md "
                     "under RUN/eval/<split>/. Exit 0 ok, 2 run/data error, 1 other.")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run folder")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run folder, or its gs:// URL")
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--tta", default="1", help="test-time augmentation: N views (1 = none) or "
                    "comma-separated names (identity,hflip,vflip,crop_center,scale1.25,...)")
@@ -60,9 +60,15 @@ def _command(args) -> int:
     from tfvision.backend import use_tensorflow
 
     use_tensorflow("evaluate")  # before Keras is imported
-    out = evaluate(args.run, args.split, tta=args.tta, ensemble=args.ensemble, ordinal=args.ordinal,
-                   match_distribution=args.match_distribution, batch_size=args.batch_size)
-    log.info("report: %s", out / "report.md")
+    from tfvision import remote
+    from tfvision.run import local_run, local_runs
+
+    # A gs:// run is evaluated on a local copy; its eval/ folder and calibration go back there.
+    with local_run(args.run, publish=True) as run_dir, local_runs(args.ensemble) as ensemble:
+        out = evaluate(run_dir, args.split, tta=args.tta, ensemble=ensemble, ordinal=args.ordinal,
+                       match_distribution=args.match_distribution, batch_size=args.batch_size)
+        report = remote.join(args.run, *(out / "report.md").relative_to(run_dir).parts)
+    log.info("report: %s", report)
     return 0
 
 

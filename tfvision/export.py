@@ -331,7 +331,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m tfvision.export",
         description="Export a run to SavedModel / ONNX / TFLite with preprocessing inside. "
                     "Exit 0 ok, 1 verification failed, 2 bad run folder or arguments.")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder (checkpoints/best.keras, run.json)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder (checkpoints/best.keras, run.json), or its gs:// URL")
     p.add_argument("--format", default="all", choices=[*FORMATS, "all"])
     p.add_argument("--output", metavar="DIR", help="output folder (default RUN_DIR/export)")
     p.add_argument("--verify", action="store_true",
@@ -355,7 +355,14 @@ def run(args) -> int:
     from tfvision.backend import use_tensorflow
 
     use_tensorflow("export")  # before Keras is imported
-    run_dir = Path(args.run)
+    from tfvision.run import local_run
+
+    # A gs:// run is exported from a local copy; the default output, its export/, goes back there.
+    with local_run(args.run, publish=not args.output) as run_dir:
+        return _export(args, run_dir)
+
+
+def _export(args, run_dir: Path) -> int:
     output = Path(args.output) if args.output else run_dir / "export"
     formats = list(FORMATS) if args.format == "all" else [args.format]
     if (args.float16 or args.quantize) and formats == ["savedmodel"]:

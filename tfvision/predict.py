@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tfvision.predict",
         description="Predict images with a trained run. Exit 0 ok, 2 run/usage error, 1 other.")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run folder")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run folder, or its gs:// URL")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image: print its top classes")
     src.add_argument("--input-dir", help="a folder of images (searched recursively): write a CSV")
@@ -90,11 +90,18 @@ def predict(args) -> int:
     from tfvision.backend import use_tensorflow
 
     use_tensorflow("predict")  # before Keras is imported
-    from tfvision import inference
+    from tfvision.run import local_run, local_runs
 
     _check_outputs(args)  # before the model loads: a refusal should cost nothing
-    ens = inference.Ensemble([inference.load_run(args.run)] + [inference.load_run(d) for d in args.ensemble],
-                             inference.tta_views(args.tta))
+    # A gs:// run is read from a local copy, kept for the command's duration.
+    with local_run(args.run) as run_dir, local_runs(args.ensemble) as ensemble:
+        return _predict(args, run_dir, ensemble)
+
+
+def _predict(args, run_dir: Path, ensemble: list[Path]) -> int:
+    from tfvision import inference
+
+    ens = inference.Ensemble([inference.load_run(d) for d in [run_dir, *ensemble]], inference.tta_views(args.tta))
     run = ens.main
     task = run.task
     if args.volume or task.dense:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -111,8 +111,7 @@ def working_copy(run_dir: Path | str, cfg: Config, writes: bool = True):
         return
     if not _same_config(run_dir, cfg):
         _claim(run_dir)
-    name = "".join(c if c.isalnum() else "_" for c in str(run_dir))[-40:]
-    with process_dir(user_cache_dir() / "remote-runs", f"{name}-") as scratch:
+    with process_dir(user_cache_dir() / "remote-runs", _scratch_prefix(run_dir)) as scratch:
         mirror = remote.Mirror(scratch / "run", str(run_dir))
         mirror.pull()
         (scratch / "run").mkdir(exist_ok=True)
@@ -127,6 +126,36 @@ def working_copy(run_dir: Path | str, cfg: Config, writes: bool = True):
                 log.warning("could not publish the run folder to %s: %s", run_dir, e)
             raise
         sync()
+
+
+@contextmanager
+def local_run(run_dir: Path | str, publish: bool = False):
+    """Yield a local folder holding the finished run `run_dir`, for the commands that read one
+    (evaluate, predict, export). A folder is its own. A URL is pulled into a scratch copy in
+    the user cache, removed afterwards; with `publish`, what the command wrote there
+    (evaluate's ``eval/``, export's ``export/``) goes back to the URL when it succeeds."""
+    if not remote.is_url(run_dir):
+        yield Path(run_dir)
+        return
+    if not remote.isfile(remote.join(run_dir, "config.json")):
+        raise UserError(f"{run_dir}: not a run folder (no config.json)")
+    with process_dir(user_cache_dir() / "remote-runs", _scratch_prefix(run_dir)) as scratch:
+        mirror = remote.Mirror(scratch / "run", str(run_dir))
+        mirror.pull()
+        yield scratch / "run"
+        if publish:
+            mirror.push()
+
+
+@contextmanager
+def local_runs(run_dirs, publish: bool = False):
+    """`local_run` for each of `run_dirs` (an ensemble): a list of local folders."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(local_run(d, publish)) for d in run_dirs]
+
+
+def _scratch_prefix(url) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(url))[-40:] + "-"
 
 
 def load_run_config(run_dir: Path | str) -> Config:
