@@ -166,6 +166,9 @@ def test_best_checkpoint_and_best_json_stay_a_pair_across_a_kill(tmp_path, monke
     epoch(resumed, 3, 0.7)  # worse than the saved best: must not replace it
     assert saved_epoch() == 2.0
     assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 2
+    last = keras.saving.load_model(tmp_path / "last.keras", compile=False)  # every epoch's own weights
+    assert float(last.get_weights()[0][0, 0]) == 3.0
+    assert callbacks.checkpoint_record(tmp_path / "last.keras") is None  # the record is best's alone
 
 
 def test_killed_run_resumes_where_it_stopped(small_digits, tmp_path):
